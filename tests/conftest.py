@@ -4,8 +4,15 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
+
+# Many tests train the same tiny programs: let them share compiled executables.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="jaxrepro-xla-"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 # grain's multiprocessing and absl-using code need parsed flags under pytest.
 flags.FLAGS.mark_as_parsed()

@@ -1,0 +1,128 @@
+r"""The command line: ``jaxrepro COMMAND --flags`` (also ``python -m jaxrepro``).
+
+    jaxrepro train    --config=configs/digits.py[:smoke] --workdir=DIR [--config.x.y=v ...]
+    jaxrepro prepare  --dataset=NAME [--data_dir=DIR]
+    jaxrepro dropoffs --workdir=DIR
+
+Errors in the user's input print one line naming the problem and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from jaxrepro.errors import JaxreproError
+
+COMMANDS = {}
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (configs/<exp>.py[:variant]).", lock_config=True
+)
+flags.DEFINE_string("workdir", None, "A run's working directory.")
+flags.DEFINE_string("dataset", None, "prepare: dataset name.")
+flags.DEFINE_string("data_dir", None, "prepare: TFDS data dir (default: $JAXREPRO_DATA_DIR).")
+FLAGS = flags.FLAGS
+
+
+def command(fn):
+    COMMANDS[fn.__name__.removeprefix("cmd_")] = fn
+    return fn
+
+
+def _require(name: str):
+    value = getattr(FLAGS, name)
+    if value in (None, ""):
+        raise JaxreproError(f"--{name} is required")
+    return value
+
+
+def _config():
+    if _CONFIG.value is None:
+        raise JaxreproError("--config is required (e.g. --config=configs/digits.py)")
+    return _CONFIG.value
+
+
+def setup_compile_cache() -> None:
+    """JAX's persistent compilation cache: a second run of a config compiles nothing."""
+    if os.environ.get("JAXREPRO_COMPILE_CACHE", "1") == "0":
+        return
+    import jax
+
+    cache = os.environ.get(
+        "JAXREPRO_COMPILE_CACHE_DIR", os.path.expanduser("~/.cache/jaxrepro/xla")
+    )
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@command
+def cmd_train(argv):
+    from jaxrepro.train import loop
+
+    info = loop.run(_config(), _require("workdir"))
+    print(f"{info['status']}: final_param_hash={info.get('final_param_hash')}")
+    return 0 if info["status"] in ("done", "running") else 1
+
+
+@command
+def cmd_prepare(argv):
+    from jaxrepro import data
+
+    path = data.prepare(_require("dataset"), FLAGS.data_dir)
+    print(f"prepared {FLAGS.dataset} in {path}")
+    return 0
+
+
+@command
+def cmd_dropoffs(argv):
+    from jaxrepro import dropoff
+    from jaxrepro.workdir import Workdir
+
+    ws = Workdir(_require("workdir"))
+    if not ws.exists():
+        raise JaxreproError(f"{ws.path} is not a jaxrepro run (no config.json)")
+    events = dropoff.load_dropoffs(ws.path)
+    for i, e in enumerate(events):
+        print(
+            f"{i}: step {e['step']} {e['phase']} {e['metric']} {e['kind']} "
+            f"{e['before']:.4g} -> {e['after']:.4g} (size {e['size']:.3g})"
+        )
+    if not events:
+        print("no drop-offs recorded")
+    return 0
+
+
+def main(argv):
+    if len(argv) < 2 or argv[1] not in COMMANDS:
+        got = argv[1] if len(argv) > 1 else "nothing"
+        print(
+            f"usage: jaxrepro {{{'|'.join(sorted(COMMANDS))}}} --flags  (got {got})",
+            file=sys.stderr,
+        )
+        return 2
+    if len(argv) > 2:
+        print(f"error: unexpected arguments {argv[2:]}", file=sys.stderr)
+        return 2
+    # Our progress at INFO; orbax's and absl's chatter only from WARNING up.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("jaxrepro").setLevel(logging.INFO)
+    setup_compile_cache()
+    try:
+        return COMMANDS[argv[1]](argv)
+    except JaxreproError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run_main():
+    app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == "__main__":
+    run_main()

@@ -1,0 +1,180 @@
+"""Orbax checkpoints with a manifest of per-array hashes, and our own retention.
+
+A checkpoint holds the whole TrainState (params, batch_stats, opt_state, step, non-finite
+count) and a JSON ``meta`` item: phase, architecture, and the sha256 of every array. Keys
+are derived and the data position is the step, so neither is stored.
+
+Retention is ours, not orbax's ``max_to_keep``: keep the latest ``keep_last``, every
+``keep_every``-th step, and every *protected* step (the checkpoint before each recorded
+drop-off), so that a drop-off can always be replayed from just before it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import serialization
+
+from jaxrepro import hashing
+from jaxrepro.errors import CheckpointError
+
+
+def _options(read_only: bool = False) -> ocp.CheckpointManagerOptions:
+    return ocp.CheckpointManagerOptions(
+        max_to_keep=None,
+        create=not read_only,
+        read_only=read_only,
+        # Half-written saves from a kill live in tmp dirs: never listed, removed here.
+        cleanup_tmp_directories=not read_only,
+        enable_async_checkpointing=True,
+    )
+
+
+class Checkpoints:
+    """A run's checkpoint directory."""
+
+    def __init__(self, directory: str, *, read_only: bool = False):
+        self.directory = os.path.abspath(directory)
+        if read_only and not os.path.isdir(self.directory):
+            raise CheckpointError(f"no checkpoint directory at {self.directory}")
+        self._mngr = ocp.CheckpointManager(
+            self.directory, options=_options(read_only), item_names=("state", "meta")
+        )
+
+    # -- listing
+    def steps(self) -> list[int]:
+        return sorted(self._mngr.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def step_at_or_before(self, step: int) -> int | None:
+        before = [s for s in self.steps() if s <= step]
+        return before[-1] if before else None
+
+    # -- saving
+    def save(self, step: int, state, meta: dict) -> None:
+        """Starts an async save; ``wait()`` before relying on it (and before exit)."""
+        tree = serialization.to_state_dict(state)
+        meta = dict(meta, step=int(step), manifest=hashing.leaf_hashes(tree), shapes=_shapes(tree))
+        self._mngr.save(
+            int(step),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)
+            ),
+        )
+
+    def wait(self) -> None:
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mngr.wait_until_finished()
+        self._mngr.close()
+
+    # -- restoring
+    def meta(self, step: int) -> dict:
+        try:
+            out = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        except Exception as e:
+            raise CheckpointError(
+                f"checkpoint {step} in {self.directory}: unreadable meta ({e})"
+            ) from e
+        return dict(out["meta"])
+
+    def restore(self, step: int, target, *, expect: dict | None = None):
+        """Restores ``step`` into the structure of ``target`` and checks its manifest.
+
+        ``expect``: meta fields that must match (e.g. the architecture); a mismatch, a
+        missing array, or an array whose hash differs from the manifest is refused, naming
+        what is wrong.
+        """
+        meta = self.meta(step)
+        for key, want in (expect or {}).items():
+            if meta.get(key) != want:
+                raise CheckpointError(
+                    f"checkpoint {step} in {self.directory} has {key}={meta.get(key)!r}, "
+                    f"expected {want!r}"
+                )
+        target_tree = serialization.to_state_dict(target)
+        _check_structure(meta.get("shapes", {}), target_tree, step)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_tree)
+        try:
+            out = self._mngr.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+            )
+        except Exception as e:
+            raise CheckpointError(
+                f"checkpoint {step} in {self.directory} could not be read: "
+                f"{type(e).__name__}: {str(e)[:300]}"
+            ) from e
+        tree = out["state"]
+        bad = _mismatched(meta["manifest"], hashing.leaf_hashes(tree))
+        if bad:
+            raise CheckpointError(
+                f"checkpoint {step} in {self.directory} is corrupt: array(s) "
+                f"{', '.join(bad[:10])} do not match the manifest; refusing to restore"
+            )
+        return serialization.from_state_dict(target, tree), meta
+
+    # -- retention
+    def retain(self, keep_last: int, keep_every: int = 0, protected: Iterable[int] = ()) -> list:
+        """Deletes checkpoints no rule keeps; returns the deleted steps."""
+        steps = self.steps()
+        keep = set(steps[-keep_last:]) if keep_last else set()
+        keep |= {s for s in steps if keep_every and s % keep_every == 0}
+        keep |= set(protected)
+        deleted = [s for s in steps if s not in keep]
+        for s in deleted:
+            self._mngr.delete(s)
+        return deleted
+
+
+def protected_steps(steps: Iterable[int], event_steps: Iterable[int]) -> set[int]:
+    """For each event step, the last checkpoint step strictly before it."""
+    steps = sorted(steps)
+    out = set()
+    for e in event_steps:
+        before = [s for s in steps if s < e]
+        if before:
+            out.add(before[-1])
+    return out
+
+
+def _shapes(tree) -> dict[str, list]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        hashing.path_str(p): [
+            list(np.shape(x)),
+            str(np.asarray(x).dtype) if not hasattr(x, "dtype") else str(x.dtype),
+        ]
+        for p, x in flat
+    }
+
+
+def _check_structure(stored: dict, target_tree, step: int) -> None:
+    want = _shapes(target_tree)
+    missing = sorted(set(want) - set(stored))
+    extra = sorted(set(stored) - set(want))
+    wrong = sorted(k for k in set(want) & set(stored) if want[k] != stored[k])
+    if missing or extra or wrong:
+        detail = [
+            f"missing arrays {missing[:8]}" if missing else "",
+            f"unexpected arrays {extra[:8]}" if extra else "",
+            "wrong shape/dtype " + ", ".join(f"{k}: {stored[k]} vs {want[k]}" for k in wrong[:8])
+            if wrong
+            else "",
+        ]
+        raise CheckpointError(
+            f"checkpoint {step} does not fit this model/optimizer ("
+            + "; ".join(d for d in detail if d)
+            + "): a checkpoint from another architecture or config?"
+        )
+
+
+def _mismatched(manifest: dict, actual: dict) -> list[str]:
+    return sorted(k for k in manifest if actual.get(k) != manifest[k])

@@ -1,0 +1,532 @@
+"""One training run: pretrain then fine-tune, writing the workdir of DESIGN.md.
+
+Decide how to start, in this order: (1) validate the config; (2) claim the workdir (a
+different config there is refused, the same one resumes); (3) restore the latest complete
+checkpoint if there is one, else initialise from the ``init`` seed; (4) drop the metrics
+rows the resumed run will write again. Then, at every global step s:
+
+    phase boundary -> final eval of the old phase, new head + fresh Adam
+    eval (if due)  -> eval rows for state s
+    save (if due)  -> checkpoint s (async)
+    train step s   -> train row s
+
+so a checkpoint at s always follows the rows it implies, and a kill at any moment resumes
+to the same bits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import time
+
+import jax
+import numpy as np
+
+from jaxrepro import config as config_lib
+from jaxrepro import data as data_lib
+from jaxrepro import dropoff as dropoff_lib
+from jaxrepro import hashing, rng
+from jaxrepro.checkpoints import Checkpoints, protected_steps
+from jaxrepro.data import order as order_lib
+from jaxrepro.errors import ConfigError
+from jaxrepro.train import runinfo
+from jaxrepro.train import state as state_lib
+from jaxrepro.train.step import make_eval_step, make_train_step
+from jaxrepro.workdir import MetricsWriter, Workdir
+
+log = logging.getLogger("jaxrepro")
+
+_FAR_MEAN = 0.5  # fine-tune input mean this many pretrain stds away -> warn
+_FAR_STD = 2.0  # fine-tune input std off by this factor -> warn
+
+
+@dataclasses.dataclass
+class Data:
+    """The four splits a run reads."""
+
+    source_train: object
+    source_eval: object
+    target_train: object
+    target_eval: object
+
+    def train(self, phase: str):
+        return self.source_train if phase == "pretrain" else self.target_train
+
+
+def load_data(config) -> Data:
+    d = config.data
+    kw = dict(data_dir=d.data_dir, image_size=d.image_size)
+    return Data(
+        source_train=data_lib.load(d.source.name, d.source.train_split, **kw),
+        source_eval=data_lib.load(d.source.name, d.source.eval_split, **kw),
+        target_train=data_lib.load(d.target.name, d.target.train_split, **kw),
+        target_eval=data_lib.load(d.target.name, d.target.eval_split, **kw),
+    )
+
+
+def resolve_conv_impl(config) -> str:
+    impl = config.model.conv_impl
+    if impl == "auto":
+        return "matmul" if jax.default_backend() == "cpu" else "lax"
+    return impl
+
+
+def phase_steps(config, name: str, num_examples: int) -> int:
+    p = config[name]
+    if p.steps is not None:
+        return int(p.steps)
+    epochs = int(p.epochs or 0)
+    if epochs == 0:
+        return 0
+    if p.batch_size > num_examples and config.data.remainder == "drop":
+        raise ConfigError(
+            f"config field {name}.batch_size: {p.batch_size} is larger than the "
+            f"{num_examples} training examples (remainder 'drop' leaves no batch)"
+        )
+    return epochs * order_lib.steps_per_epoch(num_examples, p.batch_size, config.data.remainder)
+
+
+def make_phases(config, data: Data, conv_impl: str) -> list[state_lib.Phase]:
+    phases, start = [], 0
+    for name in rng.PHASES:
+        src = data.train(name)
+        steps = phase_steps(config, name, len(src))
+        if config[name].batch_size % jax.device_count():
+            raise ConfigError(
+                f"config field {name}.batch_size: {config[name].batch_size} is not divisible "
+                f"by the {jax.device_count()} devices"
+            )
+        phases.append(state_lib.make_phase(config, name, start, steps, src.num_classes, conv_impl))
+        start += steps
+    return phases
+
+
+class _Sigterm:
+    """SIGTERM (SLURM/TPU preemption) asks the loop to checkpoint and exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
+    """Trains (or resumes) the run of ``config`` in ``workdir``; returns run.json's content.
+
+    ``stop_after``: stop once this many global steps are done, as a crash would (no final
+    save); used by the audit and by tests of resume.
+    """
+    rng.configure()
+    config_lib.validate(config)
+    ws = Workdir(workdir)
+    resuming = ws.claim(config_lib.to_dict(config))
+    run_info = ws.read_run()
+    if resuming and run_info.get("status") in ("done", "diverged"):
+        log.info("%s: run already %s; nothing to do", ws.path, run_info["status"])
+        return run_info
+    runner = _Runner(config, ws, resuming)
+    return runner.run(stop_after)
+
+
+class _Runner:
+    """The state of one run's host loop (kept out of the pure step)."""
+
+    def __init__(self, config, ws: Workdir, resuming: bool):
+        self.config = config
+        self.ws = ws
+        self.seeds = rng.resolve_seeds(config)
+        self.roots = rng.roots(self.seeds)
+        self.conv_impl = resolve_conv_impl(config)
+        self.data = load_data(config)
+        self.phases = make_phases(config, self.data, self.conv_impl)
+        self.total = self.phases[-1].end
+        self.ckpts = Checkpoints(ws.checkpoint_dir)
+        self.resume_step = self.ckpts.latest_step() if resuming else None
+        self.info = ws.read_run() if resuming else {}
+        self.input_stats = {}  # phase -> [sum of means, sum of stds, count]
+        self.compile_s = {}
+        self._train_fns = {}
+        self._eval_fns = {}
+        self._eval_batches = {}
+
+    # -- setup
+    def phase_of(self, step: int) -> state_lib.Phase:
+        for p in self.phases:
+            if step < p.end:
+                return p
+        return self.phases[-1]
+
+    def _first_phase(self) -> state_lib.Phase:
+        return next(p for p in self.phases if p.steps > 0)
+
+    def _init_state(self):
+        p0 = self.phases[0]
+        params, batch_stats = state_lib.init_variables(
+            p0.module, self.roots["init"], self.config.data.image_size
+        )
+        state = state_lib.initial_state(p0, params, batch_stats)
+        if self._first_phase().name == "finetune":
+            state = state_lib.to_finetune(self.config, self.seeds, state, self.phases[1])
+        return state
+
+    def _restore(self, step: int):
+        phase = self.phase_of(step)
+        if step == self.total:
+            phase = self.phases[-1]
+        target = jax.eval_shape(self._init_state)
+        if phase.name == "finetune" and self._first_phase().name == "pretrain":
+            target = jax.eval_shape(
+                lambda s: state_lib.to_finetune(self.config, self.seeds, s, phase), target
+            )
+        state, meta = self.ckpts.restore(step, target, expect={"model": self.config.model.name})
+        log.info("resumed from checkpoint %d (%s)", step, meta.get("phase"))
+        return state, meta["phase"]
+
+    # -- compiled functions
+    def train_fn(self, phase, state, batch):
+        if phase.name not in self._train_fns:
+            fn = make_train_step(
+                module=phase.module,
+                tx=phase.tx,
+                lr_fn=phase.lr_fn,
+                phase_start=phase.start,
+                augment_cfg=self.config.data.augment,
+                mean=tuple(self.config.data.normalize.mean),
+                std=tuple(self.config.data.normalize.std),
+                policy=self.config.train.nonfinite_policy,
+            )
+            t0 = time.perf_counter()
+            compiled = fn.lower(state, batch, *self._keys(phase)).compile()
+            self.compile_s[f"train_{phase.name}"] = round(time.perf_counter() - t0, 3)
+            self._train_fns[phase.name] = compiled
+        return self._train_fns[phase.name]
+
+    def _keys(self, phase):
+        return (
+            rng.phase_root(self.roots["aug"], phase.name),
+            rng.phase_root(self.roots["dropout"], phase.name),
+        )
+
+    def eval_fn(self, phase):
+        if phase.name not in self._eval_fns:
+            self._eval_fns[phase.name] = make_eval_step(
+                module=phase.module,
+                mean=tuple(self.config.data.normalize.mean),
+                std=tuple(self.config.data.normalize.std),
+            )
+        return self._eval_fns[phase.name]
+
+    # -- data
+    def batch(self, phase, step: int) -> dict:
+        src = self.data.train(phase.name)
+        ids, epochs = order_lib.batch_ids(
+            self.roots["data"],
+            phase.name,
+            step - phase.start,
+            phase.batch_size,
+            len(src),
+            self.config.data.remainder,
+        )
+        images, labels = src.get(ids)
+        return {
+            "image": images,
+            "label": np.asarray(labels, np.int32),
+            "id": np.asarray(ids, np.int32),
+            "epoch": np.asarray(epochs, np.int32),
+        }
+
+    def eval_sets(self, phase) -> list[tuple[str, object]]:
+        """Source test always with the pretrain head; both when the label sets agree."""
+        sets = []
+        for split, src in (
+            ("source_test", self.data.source_eval),
+            ("target_test", self.data.target_eval),
+        ):
+            if src.num_classes == phase.num_classes:
+                sets.append((split, src))
+        return sets
+
+    def _eval_batches_of(self, split, src):
+        if split not in self._eval_batches:
+            bs = self.config.train.eval_batch_size
+            n = len(src)
+            batches = []
+            for i in range(0, n, bs):
+                ids = np.arange(i, min(i + bs, n))
+                images, labels = src.get(ids)
+                pad = bs - len(ids)
+                mask = np.concatenate([np.ones(len(ids), bool), np.zeros(pad, bool)])
+                images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+                labels = np.concatenate([labels, np.zeros(pad, labels.dtype)]).astype(np.int32)
+                batches.append((images, labels, mask))
+            self._eval_batches[split] = batches
+        return self._eval_batches[split]
+
+    def evaluate(self, phase, state, step: int) -> list[dict]:
+        rows = []
+        fn = self.eval_fn(phase)
+        for split, src in self.eval_sets(phase):
+            sums = [
+                fn(state.params, state.batch_stats, *b) for b in self._eval_batches_of(split, src)
+            ]
+            sums = jax.device_get(sums)
+            n = len(src)
+            rows.append(
+                {
+                    "kind": "eval",
+                    "step": step,
+                    "phase": phase.name,
+                    "phase_step": step - phase.start,
+                    "split": split,
+                    "loss": float(sum(s["loss_sum"] for s in sums) / n),
+                    "accuracy": float(sum(s["correct"] for s in sums) / n),
+                    "n": n,
+                }
+            )
+        return rows
+
+    # -- the loop
+    def _start(self):
+        """(state, state's phase name, first step to run)."""
+        if self.resume_step is not None:
+            state, phase_name = self._restore(self.resume_step)
+            return state, phase_name, self.resume_step
+        state = self._init_state()
+        return state, self._first_phase().name, 0
+
+    def _write_run_start(self, state, start_step: int):
+        info = dict(self.info)
+        if "init_param_hash" not in info:
+            info["init_param_hash"] = hashing.tree_hash(self._init_state().params)
+        info.update(
+            status="running",
+            seeds=self.seeds,
+            platform=runinfo.platform_info(),
+            libraries=runinfo.library_versions(),
+            code=runinfo.code_version(),
+            conv_impl=self.conv_impl,
+            phases={
+                p.name: {
+                    "start": p.start,
+                    "steps": p.steps,
+                    "batch_size": p.batch_size,
+                    "num_classes": p.num_classes,
+                }
+                for p in self.phases
+            },
+            total_steps=self.total,
+        )
+        info.setdefault("resumes", [])
+        if start_step:
+            info["resumes"].append({"from_step": start_step, "time": time.time()})
+        self.info = info
+        self.ws.update_run(**info)
+
+    def _save(self, step, state, phase_name):
+        """Checkpoint ``step`` unless it exists (orbax never overwrites a step)."""
+        if step in self.ckpts.steps():
+            return
+        self._flush()  # rows up to step-1 reach disk before the checkpoint that implies them
+        self.ckpts.save(step, state, {"phase": phase_name, "model": self.config.model.name})
+        c = self.config.checkpoint
+        events = [e["step"] for e in self.detector.events]
+        self.ckpts.retain(c.keep_last, c.keep_every, protected_steps(self.ckpts.steps(), events))
+
+    def run(self, stop_after: int | None) -> dict:
+        state, state_phase, start = self._start()
+        self._write_run_start(state, start)
+        metrics = MetricsWriter(self.ws.metrics_path, start if self.info["resumes"] else None)
+        self.detector = dropoff_lib.OnlineDetector(self.config.dropoff)
+        for row in metrics.rows:  # the detector is a pure function of the history
+            self.detector.update(row)
+        self.metrics = metrics
+        self.pending = None
+        status, t_start, last_print, done_steps = "running", time.perf_counter(), 0.0, 0
+        with _Sigterm() as sigterm:
+            s = start
+            while s < self.total:
+                phase = self.phase_of(s)
+                if state_phase != phase.name:  # the pretrain -> fine-tune boundary
+                    self._flush()
+                    prev = next(p for p in self.phases if p.name == state_phase)
+                    self._log_rows(self.evaluate(prev, state, s))
+                    state = state_lib.to_finetune(self.config, self.seeds, state, phase)
+                    state_phase = phase.name
+                if self._due(phase.eval_every, s - phase.start):
+                    self._flush()
+                    self._log_rows(self.evaluate(phase, state, s))
+                if s == phase.start or self._due(self.config.checkpoint.every, s):
+                    self._save(s, state, state_phase)
+                batch = self.batch(phase, s)
+                keys = self._keys(phase)
+                fn = self.train_fn(phase, state, batch)
+                state, m = fn(state, batch, *keys)
+                self._flush()  # the previous step's row, while this one computes
+                self.pending = (phase, s, batch["epoch"][0], m)
+                s += 1
+                done_steps += 1
+                if self._should_stop():
+                    status = "diverged"
+                    break
+                if sigterm.requested or (stop_after is not None and s >= stop_after):
+                    break
+                now = time.perf_counter()
+                if now - last_print > self.config.runtime.progress_every_s:
+                    last_print = now
+                    self._progress(phase, s, done_steps, now - t_start)
+            self._flush()
+            if status == "diverged" or self._should_stop():
+                status = "diverged"
+            elif s >= self.total:
+                phase = self.phases[-1]
+                self._log_rows(self.evaluate(phase, state, s))
+                self._save(s, state, state_phase)
+                status = "done"
+            elif sigterm.requested:
+                self._save(s, state, state_phase)
+                log.warning("SIGTERM: saved checkpoint %d; rerun the same command to resume", s)
+        self.ckpts.close()
+        metrics.close()
+        return self._finish(state, status, s, time.perf_counter() - t_start)
+
+    @staticmethod
+    def _due(every: int, phase_step: int) -> bool:
+        return phase_step == 0 or (every > 0 and phase_step % every == 0)
+
+    # -- host-side bookkeeping
+    def _log_rows(self, rows):
+        for row in rows:
+            self.metrics.write(row)
+            for event in self.detector.update(row):
+                log.warning("drop-off: %s", event)
+                dropoff_lib.write_dropoffs(self.ws.path, self.detector.events)
+
+    def _flush(self):
+        """Writes the pending train row (fetched one step late, so the host never waits)."""
+        if self.pending is None:
+            return
+        phase, step, epoch, m = self.pending
+        self.pending = None
+        m = jax.device_get(m)
+        self._accumulate_inputs(phase.name, m)
+        self._last_train = m
+        if (step - phase.start) % phase.log_every and not self._is_last(phase, step):
+            return
+        row = {
+            "kind": "train",
+            "step": step,
+            "phase": phase.name,
+            "phase_step": step - phase.start,
+            "epoch": int(epoch),
+        }
+        for k in ("loss", "accuracy", "grad_norm", "update_norm", "param_norm", "lr"):
+            row[k] = float(m[k])
+        row["finite"] = bool(m["finite"])
+        if not m["applied"]:
+            row["skipped"] = True
+        self._log_rows([row])
+
+    @staticmethod
+    def _is_last(phase, step):
+        return step == phase.end - 1
+
+    def _should_stop(self) -> bool:
+        m = getattr(self, "_last_train", None)
+        if m is None or self.config.train.nonfinite_policy != "stop":
+            return False
+        return not bool(m["finite"])
+
+    def _accumulate_inputs(self, phase: str, m):
+        acc = self.input_stats.setdefault(phase, [np.zeros(3), np.zeros(3), 0])
+        acc[0] = acc[0] + np.asarray(m["input_mean"], np.float64)
+        acc[1] = acc[1] + np.asarray(m["input_std"], np.float64)
+        acc[2] += 1
+
+    def _input_report(self) -> tuple[dict, list[str]]:
+        """Per-channel mean/std of the inputs fed in each phase, and warnings about them."""
+        stats = {
+            p: {
+                "mean": np.round(a[0] / a[2], 4).tolist(),
+                "std": np.round(a[1] / a[2], 4).tolist(),
+                "batches": a[2],
+            }
+            for p, a in self.input_stats.items()
+            if a[2]
+        }
+        warnings = []
+        for p, s in stats.items():
+            if max(abs(x) for x in s["mean"]) > 3 or not 0.1 < min(s["std"]) <= max(s["std"]) < 10:
+                warnings.append(
+                    f"{p} inputs look unnormalised: per-channel mean {s['mean']}, std {s['std']}"
+                )
+        if "pretrain" in stats and "finetune" in stats:
+            a, b = stats["pretrain"], stats["finetune"]
+            far = [
+                c
+                for c in range(3)
+                if abs(b["mean"][c] - a["mean"][c]) > _FAR_MEAN * a["std"][c]
+                or not 1 / _FAR_STD < b["std"][c] / a["std"][c] < _FAR_STD
+            ]
+            if far:
+                warnings.append(
+                    "fine-tune inputs' statistics are far from pretraining's (channels "
+                    f"{far}): mean {b['mean']} vs {a['mean']}, std {b['std']} vs {a['std']}"
+                )
+        for w in warnings:
+            log.warning("%s", w)
+        return stats, warnings
+
+    def _progress(self, phase, s, done, elapsed):
+        rate = done / max(elapsed, 1e-9)
+        eta = (self.total - s) / max(rate, 1e-9)
+        m = getattr(self, "_last_train", None)
+        loss = f" loss {float(m['loss']):.4f}" if m is not None else ""
+        log.info(
+            "%s step %d/%d (global %d/%d)%s | %.2f steps/s | ETA %.0fs",
+            phase.name,
+            s - phase.start,
+            phase.steps,
+            s,
+            self.total,
+            loss,
+            rate,
+            eta,
+        )
+
+    def _finish(self, state, status, step, wall) -> dict:
+        stats, warnings = self._input_report()
+        dropoff_lib.write_dropoffs(self.ws.path, self.detector.events)
+        fields = dict(
+            status=status,
+            step=int(step),
+            input_stats=stats,
+            warnings=warnings,
+            compile_time_s=self.compile_s,
+            wall_time_s=round(wall, 3),
+            nonfinite_steps=int(jax.device_get(state.nonfinite)),
+            dropoff_count=len(self.detector.events),
+        )
+        if status in ("done", "diverged"):
+            fields["final_param_hash"] = hashing.tree_hash(state.params)
+            fields["final_state_hash"] = hashing.tree_hash(
+                (state.params, state.batch_stats, state.opt_state)
+            )
+        self.info.update(fields)
+        self.ws.update_run(**self.info)
+        log.info("%s: %s at step %d in %.1fs", self.ws.path, status, step, wall)
+        return self.info

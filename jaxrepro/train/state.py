@@ -1,0 +1,108 @@
+"""Creating train states: initialisation, the fine-tune transition, and restore targets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxrepro import models, rng
+from jaxrepro.train import optimizer as optimizer_lib
+from jaxrepro.train.step import TrainState
+
+
+@dataclasses.dataclass
+class Phase:
+    """One training phase: which data, which model head, which optimizer, which steps."""
+
+    name: str
+    start: int  # first global step
+    steps: int
+    batch_size: int
+    num_classes: int
+    module: object
+    tx: object
+    lr_fn: object
+    eval_every: int
+    log_every: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.steps
+
+
+def build_module(config, num_classes: int, conv_impl: str):
+    m = config.model
+    return models.build(
+        m.name,
+        num_classes,
+        stem=m.stem,
+        zero_init_residual=m.zero_init_residual,
+        conv_impl=conv_impl,
+        maxpool_impl=m.maxpool_impl,
+        dtype=m.dtype,
+        width=m.width,
+    )
+
+
+def make_phase(config, name, start, steps, num_classes, conv_impl) -> Phase:
+    p = config[name]
+    return Phase(
+        name=name,
+        start=start,
+        steps=steps,
+        batch_size=p.batch_size,
+        num_classes=num_classes,
+        module=build_module(config, num_classes, conv_impl),
+        tx=optimizer_lib.build(config, name, steps),
+        lr_fn=optimizer_lib.schedule(config, name, steps),
+        eval_every=p.eval_every,
+        log_every=p.log_every,
+    )
+
+
+def init_variables(module, key, image_size: int):
+    """Initialises at batch 1: no compile of the whole model at full batch just to init."""
+    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    variables = jax.jit(lambda k: module.init({"params": k}, x, train=False))(key)
+    return variables["params"], variables.get("batch_stats", {})
+
+
+def initial_state(phase: Phase, params, batch_stats, step: int = 0) -> TrainState:
+    return TrainState(
+        step=jnp.asarray(step, jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=phase.tx.init(params),
+        nonfinite=jnp.asarray(0, jnp.int32),
+    )
+
+
+def new_head(config, seeds: dict, params, num_classes: int):
+    """Replaces the classifier with one drawn from the ``head`` seed (nothing else changes)."""
+    feat = models.feature_dim(config.model.name, width=config.model.width)
+    head = models.init_head(rng.factor_root("head", seeds["head"]), feat, num_classes)
+    params = dict(params)
+    params[optimizer_lib.HEAD] = head
+    return params
+
+
+def to_finetune(config, seeds, state: TrainState, phase: Phase) -> TrainState:
+    """The fine-tune state at the phase boundary: new head (by default), fresh Adam."""
+    params = state.params
+    old_classes = params[optimizer_lib.HEAD]["bias"].shape[-1]
+    if config.finetune.new_head or old_classes != phase.num_classes:
+        params = new_head(config, seeds, params, phase.num_classes)
+    return TrainState(
+        step=state.step,
+        params=params,
+        batch_stats=state.batch_stats,
+        opt_state=phase.tx.init(params),
+        nonfinite=state.nonfinite,
+    )
+
+
+def abstract_state(fn, *args):
+    """The shapes/dtypes a state would have (restore target), computed without any work."""
+    return jax.eval_shape(fn, *args)

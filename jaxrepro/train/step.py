@@ -1,0 +1,126 @@
+"""The pure train and eval steps.
+
+``train_step(state, batch, aug_root, dropout_root) -> (state, metrics)`` is a pure function
+of its arguments: augmentation keys are derived inside from (root, epoch, example id), so
+the step needs no key in the state and a resumed run draws the same numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from jaxrepro.data import augment as augment_lib
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step changes. Keys and the data position derive from ``step``."""
+
+    step: jax.Array  # global step (pretrain steps, then fine-tune steps), int32
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    nonfinite: jax.Array  # number of steps whose update was not applied (non-finite), int32
+
+
+def normalize(images01: jax.Array, mean, std) -> jax.Array:
+    mean = jnp.asarray(mean, images01.dtype)
+    std = jnp.asarray(std, images01.dtype)
+    return (images01 - mean) / std
+
+
+def _cross_entropy(logits, labels):
+    logits = logits.astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def _select(pred, new, old):
+    return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
+
+
+def train_step(
+    state: TrainState,
+    batch: dict,
+    aug_root: jax.Array,
+    dropout_root: jax.Array,
+    *,
+    module,
+    tx,
+    lr_fn,
+    phase_start: int,
+    augment_cfg,
+    mean,
+    std,
+    policy: str,
+):
+    """One optimizer step on ``batch`` (uint8 images, labels, example ids, epochs).
+
+    A non-finite loss or gradient leaves params, opt_state and batch_stats unchanged.
+    With policy 'stop', every later step is a no-op too, so the state stays the last good
+    one until the host stops the run; with 'skip' training goes on.
+    """
+    del dropout_root  # ResNets have no dropout; the key is threaded for models that do
+    images = augment_lib.augment_batch(
+        aug_root, batch["image"], batch["epoch"], batch["id"], augment_cfg
+    )
+    x = normalize(images, mean, std)
+    labels = batch["label"]
+
+    def loss_fn(params):
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        logits, new_vars = module.apply(variables, x, train=True, mutable=["batch_stats"])
+        loss = _cross_entropy(logits, labels).mean()
+        return loss, (logits, new_vars["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    apply = finite if policy == "skip" else finite & (state.nonfinite == 0)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=_select(apply, params, state.params),
+        batch_stats=_select(apply, batch_stats, state.batch_stats),
+        opt_state=_select(apply, opt_state, state.opt_state),
+        nonfinite=state.nonfinite + (~apply).astype(jnp.int32),
+    )
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
+        "grad_norm": grad_norm,
+        "update_norm": jnp.where(apply, optax.tree.norm(updates), 0.0),
+        "param_norm": optax.tree.norm(new_state.params),
+        "lr": lr_fn(state.step - phase_start),
+        "finite": finite,
+        "applied": apply,
+        # What the model actually saw, per channel: catches a forgotten normalisation.
+        "input_mean": jnp.mean(x, axis=(0, 1, 2)),
+        "input_std": jnp.std(x, axis=(0, 1, 2)),
+    }
+    return new_state, metrics
+
+
+def make_train_step(**static):
+    """The jitted step with its hyperparameters bound; the state buffer is donated."""
+    return jax.jit(functools.partial(train_step, **static), donate_argnums=(0,))
+
+
+def eval_step(params, batch_stats, images, labels, mask, *, module, mean, std):
+    """Sums of loss and correct predictions over the unmasked examples of a batch."""
+    x = normalize(augment_lib.eval_preprocess(images), mean, std)
+    logits = module.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
+    loss = _cross_entropy(logits, labels)
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    mask = mask.astype(jnp.float32)
+    return {"loss_sum": jnp.sum(loss * mask), "correct": jnp.sum(correct * mask)}
+
+
+def make_eval_step(**static):
+    return jax.jit(functools.partial(eval_step, **static))

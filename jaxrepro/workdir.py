@@ -1,0 +1,126 @@
+"""A run's working directory: the interface other tools read (DESIGN.md).
+
+WORKDIR/config.json    the full resolved config
+WORKDIR/run.json       metadata, seeds, hashes, status
+WORKDIR/metrics.jsonl  one row per logged step and per eval
+WORKDIR/dropoffs.json  detected drop-off events
+WORKDIR/checkpoints/   orbax steps
+WORKDIR/replays/NAME/  branch runs
+"""
+
+from __future__ import annotations
+
+import os
+
+from jaxrepro import config as config_lib
+from jaxrepro import jsonio
+from jaxrepro.errors import WorkdirError
+
+STATUSES = ("running", "done", "diverged", "failed")
+
+
+class Workdir:
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    @property
+    def config_path(self):
+        return self.file("config.json")
+
+    @property
+    def run_path(self):
+        return self.file("run.json")
+
+    @property
+    def metrics_path(self):
+        return self.file("metrics.jsonl")
+
+    @property
+    def dropoffs_path(self):
+        return self.file("dropoffs.json")
+
+    @property
+    def checkpoint_dir(self):
+        return self.file("checkpoints")
+
+    def exists(self) -> bool:
+        return os.path.exists(self.config_path)
+
+    def stored_config(self) -> dict:
+        try:
+            return jsonio.read_json(self.config_path)
+        except (OSError, ValueError) as e:
+            raise WorkdirError(f"{self.config_path} is unreadable: {e}") from e
+
+    def claim(self, config_dict: dict) -> bool:
+        """Makes the workdir ours. Returns True when it already held this config (resume).
+
+        Refuses, naming the differing fields, when it holds another config; refuses a
+        non-empty directory that is not a jaxrepro run, so nothing on disk is overwritten.
+        """
+        if self.exists():
+            differing = config_lib.diff(self.stored_config(), config_dict)
+            if differing:
+                shown = ", ".join(differing[:20]) + (" …" if len(differing) > 20 else "")
+                raise WorkdirError(
+                    f"workdir {self.path} holds a run with a different config "
+                    f"(differing fields: {shown}); use another --workdir"
+                )
+            return True
+        if os.path.isdir(self.path) and os.listdir(self.path):
+            raise WorkdirError(
+                f"workdir {self.path} is not empty and holds no jaxrepro run (no config.json); "
+                "refusing to write into it"
+            )
+        os.makedirs(self.path, exist_ok=True)
+        jsonio.write_json(self.config_path, config_dict)
+        return False
+
+    def read_run(self) -> dict:
+        return jsonio.read_json(self.run_path) if os.path.exists(self.run_path) else {}
+
+    def update_run(self, **fields) -> dict:
+        run = self.read_run()
+        run.update(fields)
+        jsonio.write_json(self.run_path, run)
+        return run
+
+    def metrics(self) -> list[dict]:
+        return jsonio.read_jsonl(self.metrics_path)
+
+
+class MetricsWriter:
+    """Appends rows to metrics.jsonl, flushed per row so a kill loses at most the last line."""
+
+    def __init__(self, path: str, keep_before_step: int | None):
+        """Opens for append, first dropping rows the resumed run will write again.
+
+        Train rows with ``step >= keep_before_step`` and eval rows with a step beyond it are
+        recomputed after a resume from checkpoint ``keep_before_step``; a partial last line
+        from a kill is dropped too. ``None``: a fresh run, start empty.
+        """
+        if keep_before_step is None:
+            rows = []
+        else:
+            rows = [r for r in jsonio.read_jsonl(path) if _kept(r, keep_before_step)]
+        jsonio.write_jsonl(path, rows)
+        self.rows = rows
+        self._f = open(path, "a")  # noqa: SIM115 - held open for the run
+
+    def write(self, row: dict) -> None:
+        self._f.write(jsonio.dumps(row) + "\n")
+        self._f.flush()
+        self.rows.append(row)
+
+    def close(self):
+        self._f.close()
+
+
+def _kept(row: dict, restore_step: int) -> bool:
+    if row.get("kind") == "eval":
+        # Evals of state s are written before checkpoint s is saved.
+        return row["step"] <= restore_step
+    return row["step"] < restore_step

@@ -1,0 +1,61 @@
+"""Small shared helpers for tests: configs at test size, and row comparisons."""
+
+from __future__ import annotations
+
+import math
+import os
+
+from jaxrepro import config as config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def set_dotted(config, dotted: str, value) -> None:
+    node = config
+    *parents, last = dotted.split(".")
+    for k in parents:
+        node = node[k]
+    setattr(node, last, value)
+
+
+def load(name: str, variant: str | None = None, data_dir: str | None = None, **overrides):
+    """configs/<name>.py[:variant] with the test data dir and dotted overrides applied."""
+    config = config_lib.load_config_file(os.path.join(REPO, "configs", f"{name}.py"), variant)
+    if data_dir is not None:
+        config.data.data_dir = data_dir
+    for k, v in overrides.items():
+        set_dotted(config, k.replace("__", "."), v)
+    return config
+
+
+def tiny_digits(data_dir: str, **overrides):
+    """The digits smoke config, shortened further: 8 pretrain + 6 fine-tune steps."""
+    base = {
+        "pretrain.steps": 8,
+        "finetune.steps": 6,
+        "pretrain.eval_every": 4,
+        "finetune.eval_every": 3,
+        "checkpoint.every": 4,
+        "runtime.progress_every_s": 1e9,
+    }
+    base.update({k.replace("__", "."): v for k, v in overrides.items()})
+    config = load("digits", "smoke", data_dir)
+    for k, v in base.items():
+        set_dotted(config, k, v)
+    return config
+
+
+def rows_equal(a: list[dict], b: list[dict]) -> bool:
+    """Bitwise equality of metric rows (NaN equals NaN)."""
+    if len(a) != len(b):
+        return False
+    for ra, rb in zip(a, b, strict=True):
+        if ra.keys() != rb.keys():
+            return False
+        for k in ra:
+            x, y = ra[k], rb[k]
+            if isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y):
+                continue
+            if x != y:
+                return False
+    return True
