@@ -85,7 +85,7 @@ def phase_steps(config, name: str, num_examples: int) -> int:
             f"config field {name}.batch_size: {p.batch_size} is larger than the "
             f"{num_examples} training examples (remainder 'drop' leaves no batch)"
         )
-    return epochs * order_lib.steps_per_epoch(num_examples, p.batch_size, config.data.remainder)
+    return order_lib.num_steps(num_examples, p.batch_size, epochs, config.data.remainder)
 
 
 def make_phases(config, data: Data, conv_impl: str) -> list[state_lib.Phase]:
