@@ -25,6 +25,15 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/<exp>.py[:variant]).", lock_config=True
 )
 flags.DEFINE_string("workdir", None, "A run's working directory.")
+flags.DEFINE_integer(
+    "dropoff", None, "replay: index of the drop-off to replay (jaxrepro dropoffs)."
+)
+flags.DEFINE_integer("from_step", None, "replay: replay from the checkpoint at/before this step.")
+flags.DEFINE_multi_string("override", [], "replay: counterfactual change, key=value (repeatable).")
+flags.DEFINE_integer("skip_batches", 0, "replay: skip this many batches of the data order.")
+flags.DEFINE_string("name", None, "replay: name of the branch under RUN/replays/.")
+flags.DEFINE_integer("steps", None, "replay: steps to train; audit: steps to audit.")
+flags.DEFINE_string("out", None, "Output directory (audit, study, port, compare, bench).")
 flags.DEFINE_string("dataset", None, "prepare: dataset name.")
 flags.DEFINE_string("data_dir", None, "prepare: TFDS data dir (default: $JAXREPRO_DATA_DIR).")
 FLAGS = flags.FLAGS
@@ -68,6 +77,48 @@ def cmd_train(argv):
     info = loop.run(_config(), _require("workdir"))
     print(f"{info['status']}: final_param_hash={info.get('final_param_hash')}")
     return 0 if info["status"] in ("done", "running") else 1
+
+
+@command
+def cmd_replay(argv):
+    from jaxrepro import replay
+
+    s = replay.replay(
+        _require("workdir"),
+        dropoff=FLAGS.dropoff,
+        from_step=FLAGS.from_step,
+        overrides=FLAGS.override,
+        skip_batches=FLAGS.skip_batches,
+        name=FLAGS.name,
+        steps=FLAGS.steps,
+    )
+    print(f"{s['kind']} replay from step {s['from_step']} to {s['until']} -> {s['replay_dir']}")
+    if s["kind"] == "exact":
+        first = s["first_difference"]
+        verdict = "bit for bit" if s["bitwise_equal"] else f"differs first at {first}"
+        print(f"{s['compared_rows']} rows compared: {verdict}")
+    if "event_recurs" in s:
+        print(f"the drop-off {'recurs' if s['event_recurs'] else 'does not recur'} in the replay")
+    print(f"summary: {s['replay_dir']}/replay_summary.json  figure: {s['figure']}")
+    return 0 if s["kind"] != "exact" or s["bitwise_equal"] else 1
+
+
+@command
+def cmd_audit(argv):
+    from jaxrepro import audit
+
+    steps = FLAGS.steps if FLAGS.steps is not None else 8
+    r = audit.audit(_config(), steps, FLAGS.out)
+    for name in ("repeat", "kill_and_resume"):
+        v = r[name]
+        ok = v["metrics_bitwise_equal"] and v["state_bitwise_equal"]
+        detail = (
+            ""
+            if ok
+            else f" first difference {v['first_difference']}, leaves {v['differing_leaves'][:5]}"
+        )
+        print(f"{name}: {'bitwise identical' if ok else 'DIFFERS'}{detail}")
+    return 0 if r["ok"] else 1
 
 
 @command

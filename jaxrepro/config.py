@@ -366,3 +366,26 @@ def base() -> ml_collections.ConfigDict:
     c.runtime = ml_collections.ConfigDict()  # does not change the trajectory
     c.runtime.progress_every_s = 10.0
     return c
+
+
+def from_dict(stored: dict) -> ml_collections.ConfigDict:
+    """Rebuilds a locked, typed config from a config.json (as written by ``to_dict``).
+
+    Types come from ``base()``, so overrides on the result are type-checked as usual. A
+    field that ``base()`` lacks is an error naming it (a config.json from another version).
+    """
+    config = base()
+    _update(config, stored, "")
+    config.lock()
+    return config
+
+
+def _update(node: ml_collections.ConfigDict, values: dict, prefix: str) -> None:
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in node:
+            raise ConfigError(f"stored config has field {name!r} that this version does not know")
+        if isinstance(value, dict):
+            _update(node[key], value, name + ".")
+        else:
+            setattr(node, key, tuple(value) if isinstance(value, list) else value)

@@ -95,17 +95,20 @@ class Workdir:
 class MetricsWriter:
     """Appends rows to metrics.jsonl, flushed per row so a kill loses at most the last line."""
 
-    def __init__(self, path: str, keep_before_step: int | None):
+    def __init__(self, path: str, keep_before_step: int | None, restored_phase: str | None = None):
         """Opens for append, first dropping rows the resumed run will write again.
 
-        Train rows with ``step >= keep_before_step`` and eval rows with a step beyond it are
-        recomputed after a resume from checkpoint ``keep_before_step``; a partial last line
-        from a kill is dropped too. ``None``: a fresh run, start empty.
+        After a resume from checkpoint ``keep_before_step`` (whose state is in phase
+        ``restored_phase``), every row of a later step and every row of that step in that
+        phase is recomputed; a partial last line from a kill is dropped too. ``None``: a
+        fresh run, start empty.
         """
         if keep_before_step is None:
             rows = []
         else:
-            rows = [r for r in jsonio.read_jsonl(path) if _kept(r, keep_before_step)]
+            rows = [
+                r for r in jsonio.read_jsonl(path) if _kept(r, keep_before_step, restored_phase)
+            ]
         jsonio.write_jsonl(path, rows)
         self.rows = rows
         self._f = open(path, "a")  # noqa: SIM115 - held open for the run
@@ -119,8 +122,9 @@ class MetricsWriter:
         self._f.close()
 
 
-def _kept(row: dict, restore_step: int) -> bool:
-    if row.get("kind") == "eval":
-        # Evals of state s are written before checkpoint s is saved.
-        return row["step"] <= restore_step
-    return row["step"] < restore_step
+def _kept(row: dict, restore_step: int, restored_phase: str | None) -> bool:
+    if row["step"] < restore_step:
+        return True
+    # At a phase boundary, the old phase's final eval (step == boundary) is not redone:
+    # the restored state is already the new phase's.
+    return row["step"] == restore_step and row["kind"] == "eval" and row["phase"] != restored_phase

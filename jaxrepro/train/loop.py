@@ -30,7 +30,7 @@ from jaxrepro import dropoff as dropoff_lib
 from jaxrepro import hashing, rng
 from jaxrepro.checkpoints import Checkpoints, protected_steps
 from jaxrepro.data import order as order_lib
-from jaxrepro.errors import ConfigError
+from jaxrepro.errors import CheckpointError, ConfigError
 from jaxrepro.train import runinfo
 from jaxrepro.train import state as state_lib
 from jaxrepro.train.step import make_eval_step, make_train_step
@@ -125,36 +125,63 @@ class _Sigterm:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Origin:
+    """Where a branch run (a replay) starts: another run's checkpoint.
+
+    The branch restores ``step`` from ``checkpoint_dir`` (read only), trains to ``until``
+    (None: the end), and from ``step`` on reads the batches ``skip_batches`` further along
+    the data order. ``info`` is recorded in config.json (so a different origin in the same
+    directory is refused) and run.json.
+    """
+
+    checkpoint_dir: str
+    step: int
+    until: int | None = None
+    skip_batches: int = 0
+    info: dict = dataclasses.field(default_factory=dict)
+
+
+def run(config, workdir: str, *, stop_after: int | None = None, origin: Origin | None = None):
     """Trains (or resumes) the run of ``config`` in ``workdir``; returns run.json's content.
 
     ``stop_after``: stop once this many global steps are done, as a crash would (no final
-    save); used by the audit and by tests of resume.
+    save); used by the audit and by tests of resume. ``origin``: branch from another run's
+    checkpoint (see ``jaxrepro.replay``).
     """
     rng.configure()
     config_lib.validate(config)
     ws = Workdir(workdir)
-    resuming = ws.claim(config_lib.to_dict(config))
+    claimed = config_lib.to_dict(config)
+    if origin is not None:
+        claimed["replay"] = dict(
+            origin.info, from_step=origin.step, until=origin.until, skip_batches=origin.skip_batches
+        )
+    resuming = ws.claim(claimed)
     run_info = ws.read_run()
     if resuming and run_info.get("status") in ("done", "diverged"):
         log.info("%s: run already %s; nothing to do", ws.path, run_info["status"])
         return run_info
-    runner = _Runner(config, ws, resuming)
+    runner = Runner(config, ws, resuming, origin)
     return runner.run(stop_after)
 
 
-class _Runner:
+class Runner:
     """The state of one run's host loop (kept out of the pure step)."""
 
-    def __init__(self, config, ws: Workdir, resuming: bool):
+    def __init__(self, config, ws: Workdir, resuming: bool, origin: Origin | None = None):
         self.config = config
         self.ws = ws
+        self.origin = origin
         self.seeds = rng.resolve_seeds(config)
         self.roots = rng.roots(self.seeds)
         self.conv_impl = resolve_conv_impl(config)
         self.data = load_data(config)
         self.phases = make_phases(config, self.data, self.conv_impl)
         self.total = self.phases[-1].end
+        self.end = self.total
+        if origin is not None and origin.until is not None:
+            self.end = min(origin.until, self.total)
         self.ckpts = Checkpoints(ws.checkpoint_dir)
         self.resume_step = self.ckpts.latest_step() if resuming else None
         self.info = ws.read_run() if resuming else {}
@@ -174,7 +201,7 @@ class _Runner:
     def _first_phase(self) -> state_lib.Phase:
         return next(p for p in self.phases if p.steps > 0)
 
-    def _init_state(self):
+    def init_state(self):
         p0 = self.phases[0]
         params, batch_stats = state_lib.init_variables(
             p0.module, self.roots["init"], self.config.data.image_size
@@ -184,17 +211,17 @@ class _Runner:
             state = state_lib.to_finetune(self.config, self.seeds, state, self.phases[1])
         return state
 
-    def _restore(self, step: int):
+    def _restore(self, ckpts: Checkpoints, step: int):
         phase = self.phase_of(step)
         if step == self.total:
             phase = self.phases[-1]
-        target = jax.eval_shape(self._init_state)
+        target = jax.eval_shape(self.init_state)
         if phase.name == "finetune" and self._first_phase().name == "pretrain":
             target = jax.eval_shape(
                 lambda s: state_lib.to_finetune(self.config, self.seeds, s, phase), target
             )
-        state, meta = self.ckpts.restore(step, target, expect={"model": self.config.model.name})
-        log.info("resumed from checkpoint %d (%s)", step, meta.get("phase"))
+        state, meta = ckpts.restore(step, target, expect={"model": self.config.model.name})
+        log.info("restored checkpoint %d (%s) from %s", step, meta.get("phase"), ckpts.directory)
         return state, meta["phase"]
 
     # -- compiled functions
@@ -211,12 +238,12 @@ class _Runner:
                 policy=self.config.train.nonfinite_policy,
             )
             t0 = time.perf_counter()
-            compiled = fn.lower(state, batch, *self._keys(phase)).compile()
+            compiled = fn.lower(state, batch, *self.keys(phase)).compile()
             self.compile_s[f"train_{phase.name}"] = round(time.perf_counter() - t0, 3)
             self._train_fns[phase.name] = compiled
         return self._train_fns[phase.name]
 
-    def _keys(self, phase):
+    def keys(self, phase):
         return (
             rng.phase_root(self.roots["aug"], phase.name),
             rng.phase_root(self.roots["dropout"], phase.name),
@@ -234,10 +261,13 @@ class _Runner:
     # -- data
     def batch(self, phase, step: int) -> dict:
         src = self.data.train(phase.name)
+        position = step - phase.start
+        if self.origin is not None and step >= self.origin.step:
+            position += self.origin.skip_batches
         ids, epochs = order_lib.batch_ids(
             self.roots["data"],
             phase.name,
-            step - phase.start,
+            position,
             phase.batch_size,
             len(src),
             self.config.data.remainder,
@@ -302,17 +332,36 @@ class _Runner:
 
     # -- the loop
     def _start(self):
-        """(state, state's phase name, first step to run)."""
+        """(state, its phase name, first step to run, how: 'init' | 'resume' | 'origin')."""
         if self.resume_step is not None:
-            state, phase_name = self._restore(self.resume_step)
-            return state, phase_name, self.resume_step
-        state = self._init_state()
-        return state, self._first_phase().name, 0
+            state, phase_name = self._restore(self.ckpts, self.resume_step)
+            return state, phase_name, self.resume_step, "resume"
+        if self.origin is not None:
+            src = Checkpoints(self.origin.checkpoint_dir, read_only=True)
+            if self.origin.step not in src.steps():
+                raise CheckpointError(
+                    f"no checkpoint {self.origin.step} in {src.directory} (have {src.steps()})"
+                )
+            state, phase_name = self._restore(src, self.origin.step)
+            src.close()
+            return state, phase_name, self.origin.step, "origin"
+        state = self.init_state()
+        return state, self._first_phase().name, 0, "init"
 
-    def _write_run_start(self, state, start_step: int):
+    def _write_run_start(self, start_step: int, how: str):
         info = dict(self.info)
-        if "init_param_hash" not in info:
-            info["init_param_hash"] = hashing.tree_hash(self._init_state().params)
+        if self.origin is not None:
+            info.setdefault(
+                "replay",
+                dict(
+                    self.origin.info,
+                    from_step=self.origin.step,
+                    until=self.end,
+                    skip_batches=self.origin.skip_batches,
+                ),
+            )
+        elif "init_param_hash" not in info:
+            info["init_param_hash"] = hashing.tree_hash(self.init_state().params)
         info.update(
             status="running",
             seeds=self.seeds,
@@ -332,7 +381,7 @@ class _Runner:
             total_steps=self.total,
         )
         info.setdefault("resumes", [])
-        if start_step:
+        if how == "resume":
             info["resumes"].append({"from_step": start_step, "time": time.time()})
         self.info = info
         self.ws.update_run(**info)
@@ -348,9 +397,9 @@ class _Runner:
         self.ckpts.retain(c.keep_last, c.keep_every, protected_steps(self.ckpts.steps(), events))
 
     def run(self, stop_after: int | None) -> dict:
-        state, state_phase, start = self._start()
-        self._write_run_start(state, start)
-        metrics = MetricsWriter(self.ws.metrics_path, start if self.info["resumes"] else None)
+        state, state_phase, start, how = self._start()
+        self._write_run_start(start, how)
+        metrics = MetricsWriter(self.ws.metrics_path, None if how == "init" else start, state_phase)
         self.detector = dropoff_lib.OnlineDetector(self.config.dropoff)
         for row in metrics.rows:  # the detector is a pure function of the history
             self.detector.update(row)
@@ -359,7 +408,7 @@ class _Runner:
         status, t_start, last_print, done_steps = "running", time.perf_counter(), 0.0, 0
         with _Sigterm() as sigterm:
             s = start
-            while s < self.total:
+            while s < self.end:
                 phase = self.phase_of(s)
                 if state_phase != phase.name:  # the pretrain -> fine-tune boundary
                     self._flush()
@@ -373,7 +422,7 @@ class _Runner:
                 if s == phase.start or self._due(self.config.checkpoint.every, s):
                     self._save(s, state, state_phase)
                 batch = self.batch(phase, s)
-                keys = self._keys(phase)
+                keys = self.keys(phase)
                 fn = self.train_fn(phase, state, batch)
                 state, m = fn(state, batch, *keys)
                 self._flush()  # the previous step's row, while this one computes
@@ -392,8 +441,8 @@ class _Runner:
             self._flush()
             if status == "diverged" or self._should_stop():
                 status = "diverged"
-            elif s >= self.total:
-                phase = self.phases[-1]
+            elif s >= self.end:
+                phase = next(p for p in self.phases if p.name == state_phase)
                 self._log_rows(self.evaluate(phase, state, s))
                 self._save(s, state, state_phase)
                 status = "done"
@@ -493,7 +542,7 @@ class _Runner:
 
     def _progress(self, phase, s, done, elapsed):
         rate = done / max(elapsed, 1e-9)
-        eta = (self.total - s) / max(rate, 1e-9)
+        eta = (self.end - s) / max(rate, 1e-9)
         m = getattr(self, "_last_train", None)
         loss = f" loss {float(m['loss']):.4f}" if m is not None else ""
         log.info(

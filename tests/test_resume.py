@@ -1,0 +1,199 @@
+"""Resume: kill -9 at any moment (also inside a save), SIGTERM, corrupt checkpoints."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from helpers import REPO, rows_equal, tiny_digits
+
+from jaxrepro import jsonio
+from jaxrepro.checkpoints import Checkpoints
+from jaxrepro.errors import CheckpointError
+from jaxrepro.train import loop
+from jaxrepro.workdir import Workdir
+
+TINY_FLAGS = [
+    "--config=configs/digits.py:smoke",
+    "--config.pretrain.steps=8",
+    "--config.finetune.steps=6",
+    "--config.pretrain.eval_every=4",
+    "--config.finetune.eval_every=3",
+    "--config.checkpoint.every=4",
+    "--config.runtime.progress_every_s=1e9",
+]
+
+
+@pytest.fixture(scope="module")
+def straight(data_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("straight")
+    info = loop.run(tiny_digits(data_dir), str(path))
+    return info, Workdir(str(path)).metrics()
+
+
+def _train_steps(rows):
+    return [r["step"] for r in rows if r["kind"] == "train"]
+
+
+@pytest.mark.parametrize("stop_after", [3, 8, 11])
+def test_interrupted_and_resumed_equals_straight(straight, data_dir, tmp_path, stop_after):
+    info, rows = straight
+    path = str(tmp_path / "run")
+    partial = loop.run(tiny_digits(data_dir), path, stop_after=stop_after)
+    assert partial["status"] == "running"
+    resumed = loop.run(tiny_digits(data_dir), path)
+    assert resumed["status"] == "done"
+    assert resumed["final_state_hash"] == info["final_state_hash"]
+    assert rows_equal(Workdir(path).metrics(), rows)
+    assert resumed["resumes"] and resumed["resumes"][0]["from_step"] <= stop_after
+
+
+def _spawn(workdir, data_dir, cache_dir):
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        JAXREPRO_COMPILE_CACHE_DIR=cache_dir,
+        PYTHONUNBUFFERED="1",
+    )
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jaxrepro",
+            "train",
+            *TINY_FLAGS,
+            f"--workdir={workdir}",
+            f"--config.data.data_dir={data_dir}",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _kill_when(proc, predicate, timeout=240, poll=0.002):
+    """SIGKILLs ``proc`` the moment ``predicate()`` holds; False if it ended first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            return False
+        if predicate():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(poll)
+    proc.kill()
+    raise AssertionError("training subprocess did not reach the kill point in time")
+
+
+def _n_train_rows(workdir):
+    path = os.path.join(workdir, "metrics.jsonl")
+    return len(_train_steps(jsonio.read_jsonl(path))) if os.path.exists(path) else 0
+
+
+def _saving(workdir):
+    return bool(glob.glob(os.path.join(workdir, "checkpoints", "*orbax-checkpoint-tmp*")))
+
+
+def test_sigkill_at_several_points_resumes_bitwise(straight, data_dir, tmp_path):
+    info, rows = straight
+    workdir = str(tmp_path / "killed")
+    cache = str(tmp_path / "xla")
+    kill_points = [
+        ("after 2 train rows", lambda: _n_train_rows(workdir) >= 2),
+        ("inside a save", lambda: _n_train_rows(workdir) >= 4 and _saving(workdir)),
+        ("in fine-tuning", lambda: _n_train_rows(workdir) >= 10),
+    ]
+    killed = []
+    for label, predicate in kill_points:
+        proc = _spawn(workdir, data_dir, cache)
+        if _kill_when(proc, predicate):
+            killed.append(label)
+    assert "inside a save" in killed, f"never caught a save in flight (killed: {killed})"
+    proc = _spawn(workdir, data_dir, cache)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-3000:]
+    done = Workdir(workdir).read_run()
+    assert done["status"] == "done"
+    assert done["final_state_hash"] == info["final_state_hash"]
+    resumed_rows = Workdir(workdir).metrics()
+    assert _train_steps(resumed_rows) == list(range(14))  # no duplicate, no missing step
+    assert rows_equal(resumed_rows, rows)
+    assert len(done["resumes"]) >= len(killed)
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(straight, data_dir, tmp_path):
+    info, _ = straight
+    workdir = str(tmp_path / "preempted")
+    proc = _spawn(workdir, data_dir, str(tmp_path / "xla"))
+    deadline = time.time() + 240
+    while _n_train_rows(workdir) < 5 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    run = Workdir(workdir).read_run()
+    assert run["status"] == "running" and run["step"] < 14
+    ckpts = Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True)
+    assert ckpts.latest_step() == run["step"]  # the preemption checkpoint
+    ckpts.close()
+    done = loop.run(tiny_digits(data_dir), workdir)
+    assert done["final_state_hash"] == info["final_state_hash"]
+
+
+def _largest_data_file(step_dir):
+    files = [
+        p
+        for p in glob.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True)
+        if os.path.isfile(p) and "/d/" in p
+    ]
+    return max(files, key=os.path.getsize)
+
+
+def test_flipped_byte_is_refused_naming_the_array(data_dir, tmp_path):
+    path = str(tmp_path / "run")
+    loop.run(tiny_digits(data_dir, **{"finetune.steps": 0, "pretrain.steps": 4}), path)
+    ckpt_dir = os.path.join(path, "checkpoints")
+    target = _largest_data_file(os.path.join(ckpt_dir, "4"))
+    data = bytearray(open(target, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(target, "wb").write(bytes(data))
+    runner = loop.Runner(
+        tiny_digits(data_dir, **{"finetune.steps": 0, "pretrain.steps": 4}),
+        Workdir(path),
+        resuming=True,
+    )
+    with pytest.raises(CheckpointError, match=r"corrupt: array\(s\) \S+"):
+        runner._restore(Checkpoints(ckpt_dir, read_only=True), 4)
+
+
+def test_checkpoint_of_another_architecture_is_refused(data_dir, tmp_path):
+    path = str(tmp_path / "run")
+    cfg = tiny_digits(data_dir, **{"finetune.steps": 0, "pretrain.steps": 4})
+    loop.run(cfg, path)
+    wider = tiny_digits(data_dir, **{"finetune.steps": 0, "pretrain.steps": 4, "model.width": 16})
+    runner = loop.Runner(wider, Workdir(path), resuming=True)
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        runner._restore(Checkpoints(os.path.join(path, "checkpoints"), read_only=True), 4)
+
+
+def test_half_written_save_is_never_restored(data_dir, tmp_path):
+    path = str(tmp_path / "run")
+    cfg = tiny_digits(data_dir)
+    loop.run(cfg, path, stop_after=6)
+    ckpt_dir = os.path.join(path, "checkpoints")
+    # A save that a kill interrupted: a tmp dir with partial content.
+    fake = os.path.join(ckpt_dir, "6.orbax-checkpoint-tmp-1234")
+    os.makedirs(os.path.join(fake, "state"))
+    with open(os.path.join(fake, "state", "junk"), "wb") as f:
+        f.write(np.random.default_rng(0).bytes(100))
+    ckpts = Checkpoints(ckpt_dir)
+    assert 6 not in ckpts.steps() and ckpts.latest_step() == 4
+    ckpts.close()
+    done = loop.run(cfg, path)
+    assert done["status"] == "done" and done["resumes"][0]["from_step"] == 4
