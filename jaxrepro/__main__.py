@@ -3,6 +3,14 @@ r"""The command line: ``jaxrepro COMMAND --flags`` (also ``python -m jaxrepro``)
     jaxrepro train    --config=configs/digits.py[:smoke] --workdir=DIR [--config.x.y=v ...]
     jaxrepro prepare  --dataset=NAME [--data_dir=DIR]
     jaxrepro dropoffs --workdir=DIR
+    jaxrepro replay   --workdir=RUN (--dropoff=I | --from_step=S) [--override k=v ...]
+                      [--skip_batches=N] [--steps=N] [--name=NAME]
+    jaxrepro audit    --config=... --steps=N [--out=DIR]
+    jaxrepro study    --config=... --vary=aug --seeds=0-7 --out=DIR [--grid=k=v1,v2]
+    jaxrepro port     --arch=resnet50 --torch=FILE --out=DIR
+    jaxrepro torch_train --config=... --workdir=DIR   (the PyTorch reference run)
+    jaxrepro compare  --jax=RUN_OR_STUDY --torch=PATH --out=DIR
+    jaxrepro bench    step|checkpoint|... [--out=results/bench]
 
 Errors in the user's input print one line naming the problem and exit with status 2.
 """
@@ -34,6 +42,24 @@ flags.DEFINE_integer("skip_batches", 0, "replay: skip this many batches of the d
 flags.DEFINE_string("name", None, "replay: name of the branch under RUN/replays/.")
 flags.DEFINE_integer("steps", None, "replay: steps to train; audit: steps to audit.")
 flags.DEFINE_string("out", None, "Output directory (audit, study, port, compare, bench).")
+flags.DEFINE_string("vary", None, "study: factors to vary: aug | aug,data | all.")
+flags.DEFINE_string("seeds", None, "study: seeds, e.g. 0-7 or 0,1,5.")
+flags.DEFINE_integer("parallel", 1, "study: runs at once (separate processes).")
+flags.DEFINE_multi_string(
+    "grid",
+    [],
+    "study: a config field and values, e.g. "
+    "data.augment.crop.padding=4,3 (repeatable: the product).",
+)
+flags.DEFINE_string("arch", None, "port: architecture (resnet18 ... resnet152).")
+flags.DEFINE_string(
+    "torch",
+    None,
+    "port: a torchvision-format .pt/.pth/.safetensors file; "
+    "compare: a PyTorch run or results file/dir.",
+)
+flags.DEFINE_string("jax", None, "compare: a jaxrepro run or study directory.")
+flags.DEFINE_bool("jobs_only", False, "study: write the job list for a cluster, run nothing.")
 flags.DEFINE_string("dataset", None, "prepare: dataset name.")
 flags.DEFINE_string("data_dir", None, "prepare: TFDS data dir (default: $JAXREPRO_DATA_DIR).")
 FLAGS = flags.FLAGS
@@ -122,6 +148,48 @@ def cmd_audit(argv):
 
 
 @command
+def cmd_study(argv):
+    from jaxrepro import study
+
+    return study.main_from_flags(FLAGS, _config())
+
+
+@command
+def cmd_port(argv):
+    from jaxrepro.compare import torch_port
+
+    state_dict = torch_port.load_torch_file(_require("torch"))
+    variables = torch_port.torch_to_flax(state_dict, _require("arch"))
+    out = torch_port.save_flax(variables, FLAGS.arch, _require("out"), source=FLAGS.torch)
+    print(
+        f"ported {FLAGS.torch} ({FLAGS.arch}) -> {out}; start a run from it with "
+        f"--config.init_from={out}"
+    )
+    return 0
+
+
+@command
+def cmd_torch_train(argv):
+    from jaxrepro.compare import reference
+
+    return reference.main_from_flags(FLAGS, _config())
+
+
+@command
+def cmd_compare(argv):
+    from jaxrepro.compare import report
+
+    return report.main_from_flags(FLAGS)
+
+
+@command
+def cmd_bench(argv):
+    from jaxrepro import bench
+
+    return bench.main(argv[2:], FLAGS)
+
+
+@command
 def cmd_prepare(argv):
     from jaxrepro import data
 
@@ -157,7 +225,7 @@ def main(argv):
             file=sys.stderr,
         )
         return 2
-    if len(argv) > 2:
+    if len(argv) > 2 and argv[1] != "bench":
         print(f"error: unexpected arguments {argv[2:]}", file=sys.stderr)
         return 2
     # Our progress at INFO; orbax's and absl's chatter only from WARNING up.

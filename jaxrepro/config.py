@@ -204,6 +204,7 @@ def validate(config) -> None:
     _choice(config, "model.stem", STEMS)
     _choice(config, "model.conv_impl", CONV_IMPLS)
     _choice(config, "model.maxpool_impl", MAXPOOL_IMPLS)
+    _choice(config, "model.bn_impl", models.BN_IMPLS)
     _choice(config, "model.dtype", DTYPES)
     _positive_int(config, "model.width", allow_none=True)
     _validate_data(config)
@@ -215,6 +216,10 @@ def validate(config) -> None:
         "pretrain.steps",
         "both phases have zero length; nothing to train",
     )
+    init_from = _require(config, "init_from")
+    if init_from is not None:
+        _check_type(init_from, str, "init_from")
+        _check(os.path.isdir(init_from), "init_from", f"{init_from!r} is not a directory")
     _choice(config, "train.nonfinite_policy", NONFINITE_POLICIES)
     _positive_int(config, "train.eval_batch_size")
     _positive_int(config, "checkpoint.every", allow_zero=True)
@@ -309,6 +314,7 @@ def base() -> ml_collections.ConfigDict:
     c.model.conv_impl = "auto"
     # 'deterministic': scatter-free max-pool gradient, so GPU deterministic ops work.
     c.model.maxpool_impl = "deterministic"
+    c.model.bn_impl = "flax"  # or 'fused': BatchNorm with a hand-written (custom_vjp) backward
     c.model.dtype = "float32"
 
     c.data = ml_collections.ConfigDict()

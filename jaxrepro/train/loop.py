@@ -206,6 +206,7 @@ class Runner:
         params, batch_stats = state_lib.init_variables(
             p0.module, self.roots["init"], self.config.data.image_size
         )
+        params, batch_stats = state_lib.load_pretrained(self.config, params, batch_stats)
         state = state_lib.initial_state(p0, params, batch_stats)
         if self._first_phase().name == "finetune":
             state = state_lib.to_finetune(self.config, self.seeds, state, self.phases[1])

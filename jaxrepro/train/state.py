@@ -41,6 +41,7 @@ def build_module(config, num_classes: int, conv_impl: str):
         zero_init_residual=m.zero_init_residual,
         conv_impl=conv_impl,
         maxpool_impl=m.maxpool_impl,
+        bn_impl=m.bn_impl,
         dtype=m.dtype,
         width=m.width,
     )
@@ -67,6 +68,46 @@ def init_variables(module, key, image_size: int):
     x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     variables = jax.jit(lambda k: module.init({"params": k}, x, train=False))(key)
     return variables["params"], variables.get("batch_stats", {})
+
+
+def load_pretrained(config, params, batch_stats):
+    """Replaces initialised weights by a ported checkpoint (``jaxrepro port``) when configured.
+
+    The backbone must match the configured architecture exactly; the classifier is taken
+    over only if its shape fits (else the freshly initialised one is kept).
+    """
+    if not config.init_from:
+        return params, batch_stats
+    from jaxrepro.compare import torch_port
+    from jaxrepro.errors import CheckpointError
+
+    try:
+        variables, meta = torch_port.load_flax(config.init_from)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"init_from={config.init_from!r}: {e}") from e
+    if meta.get("arch") != config.model.name:
+        raise CheckpointError(
+            f"init_from={config.init_from!r} holds {meta.get('arch')!r} weights, "
+            f"but the config's model is {config.model.name!r}"
+        )
+    loaded = jax.tree.map(jnp.asarray, dict(variables["params"]))
+    mismatched = _mismatched_shapes(params, loaded)
+    head = optimizer_lib.HEAD
+    if any(not k.startswith(head + "/") for k in mismatched):
+        raise CheckpointError(
+            f"init_from={config.init_from!r} does not fit the model: {sorted(mismatched)[:8]}"
+        )
+    if mismatched:  # another label set: keep our head
+        loaded[head] = params[head]
+    return loaded, jax.tree.map(jnp.asarray, dict(variables["batch_stats"]))
+
+
+def _mismatched_shapes(a, b) -> list[str]:
+    from jaxrepro.hashing import path_str
+
+    fa = {path_str(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(a)[0]}
+    fb = {path_str(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(b)[0]}
+    return [k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k)]
 
 
 def initial_state(phase: Phase, params, batch_stats, step: int = 0) -> TrainState:
