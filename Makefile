@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= test,torch
-STUDY_OUT ?= results/digits_aug
+STUDY_OUT ?= runs/digits_aug
 STUDY_FLAGS ?=
 
 .PHONY: setup test study lint
