@@ -30,7 +30,7 @@ from jaxrepro import dropoff as dropoff_lib
 from jaxrepro import hashing, rng
 from jaxrepro.checkpoints import Checkpoints, protected_steps
 from jaxrepro.data import order as order_lib
-from jaxrepro.errors import CheckpointError, ConfigError
+from jaxrepro.errors import CheckpointError, ConfigError, JaxreproError
 from jaxrepro.train import runinfo
 from jaxrepro.train import state as state_lib
 from jaxrepro.train.step import make_eval_step, make_train_step
@@ -163,7 +163,12 @@ def run(config, workdir: str, *, stop_after: int | None = None, origin: Origin |
         log.info("%s: run already %s; nothing to do", ws.path, run_info["status"])
         return run_info
     runner = Runner(config, ws, resuming, origin)
-    return runner.run(stop_after)
+    try:
+        return runner.run(stop_after)
+    except BaseException as e:  # record why, keep what is on disk, and re-raise
+        if not isinstance(e, KeyboardInterrupt | JaxreproError):
+            ws.update_run(status="failed", error=f"{type(e).__name__}: {str(e)[:2000]}")
+        raise
 
 
 class Runner:
