@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from helpers import rows_equal, tiny_digits
 
-from jaxrepro import jsonio
+from jaxrepro import hashing, jsonio
 from jaxrepro.data import augment as augment_lib
 from jaxrepro.train import loop
 from jaxrepro.workdir import Workdir
@@ -66,14 +66,14 @@ def test_same_config_twice_is_bitwise_identical(base_run, data_dir, tmp_path):
 def _runner(config, path):
     ws = Workdir(str(path))
     ws.claim({})
-    return loop._Runner(config, ws, resuming=False)
+    return loop.Runner(config, ws, resuming=False)
 
 
 def _fed(runner, phase_name, step):
     """The example ids and augmented pixels the engine feeds at a global step."""
     phase = next(p for p in runner.phases if p.name == phase_name)
     batch = runner.batch(phase, step)
-    aug_root, _ = runner._keys(phase)
+    aug_root, _ = runner.keys(phase)
     pixels = augment_lib.augment_batch(
         aug_root, batch["image"], batch["epoch"], batch["id"], runner.config.data.augment
     )
@@ -84,9 +84,7 @@ def _fed(runner, phase_name, step):
 def test_each_factor_seed_changes_only_what_it_touches(factor, data_dir, tmp_path):
     base = _runner(tiny_digits(data_dir), tmp_path / "a")
     other = _runner(tiny_digits(data_dir, **{f"seeds.{factor}": 1}), tmp_path / "b")
-    init_same = base._init_state().params, other._init_state().params
-    from jaxrepro import hashing
-
+    init_same = base.init_state().params, other.init_state().params
     same_init = hashing.tree_hash(init_same[0]) == hashing.tree_hash(init_same[1])
     assert same_init == (factor != "init")
     for phase, step in (("pretrain", 0), ("pretrain", 5), ("finetune", 9)):
@@ -103,10 +101,10 @@ def test_each_factor_seed_changes_only_what_it_touches(factor, data_dir, tmp_pat
         ids, epochs = np.arange(16), np.zeros(16, np.int64)
         imgs, _ = base.data.source_train.get(ids)
         pa = augment_lib.augment_batch(
-            base._keys(phase)[0], imgs, epochs, ids, base.config.data.augment
+            base.keys(phase)[0], imgs, epochs, ids, base.config.data.augment
         )
         pb = augment_lib.augment_batch(
-            other._keys(phase)[0], imgs, epochs, ids, other.config.data.augment
+            other.keys(phase)[0], imgs, epochs, ids, other.config.data.augment
         )
         assert np.array_equal(np.asarray(pa), np.asarray(pb))
 
