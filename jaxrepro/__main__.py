@@ -217,6 +217,20 @@ def cmd_dropoffs(argv):
     return 0
 
 
+def _setup_logging():
+    """Our progress at INFO on stderr; the libraries' (orbax, tfds, absl) only errors."""
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    logger = logging.getLogger("jaxrepro")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s jaxrepro %(levelname)s %(message)s", "%H:%M:%S")
+        )
+        logger.addHandler(handler)
+
+
 def main(argv):
     if len(argv) < 2 or argv[1] not in COMMANDS:
         got = argv[1] if len(argv) > 1 else "nothing"
@@ -228,9 +242,7 @@ def main(argv):
     if len(argv) > 2 and argv[1] != "bench":
         print(f"error: unexpected arguments {argv[2:]}", file=sys.stderr)
         return 2
-    # Our progress at INFO; orbax's and absl's chatter only from WARNING up.
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    logging.getLogger("jaxrepro").setLevel(logging.INFO)
+    _setup_logging()
     setup_compile_cache()
     try:
         return COMMANDS[argv[1]](argv)

@@ -441,9 +441,11 @@ class Runner:
                 if sigterm.requested or (stop_after is not None and s >= stop_after):
                     break
                 now = time.perf_counter()
-                if now - last_print > self.config.runtime.progress_every_s:
+                if done_steps == 1:
+                    t_first = now  # steps/s from here on: compile time is reported apart
+                elif now - last_print > self.config.runtime.progress_every_s:
                     last_print = now
-                    self._progress(phase, s, done_steps, now - t_start)
+                    self._progress(phase, s, done_steps - 1, now - t_first)
             self._flush()
             if status == "diverged" or self._should_stop():
                 status = "diverged"
