@@ -42,8 +42,10 @@ import struct
 from pathlib import Path
 from typing import NamedTuple
 
+from jaxrepro.errors import JaxreproError
 
-class ReaderError(ValueError):
+
+class ReaderError(JaxreproError, ValueError):
     """A results file that cannot be read: corrupt, truncated, or of an unknown layout."""
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from jaxrepro.compare import torch_resnet
+from jaxrepro.errors import JaxreproError
 
 FORMAT = "jaxrepro.ported/1"
 _META_FILE = "meta.json"
@@ -45,7 +46,7 @@ _WRAPPER_KEYS = ("state_dict", "model")
 _LIST_LIMIT = 25
 
 
-class PortError(ValueError):
+class PortError(JaxreproError, ValueError):
     """A checkpoint that cannot be ported: unreadable, refused, or of another architecture."""
 
 
