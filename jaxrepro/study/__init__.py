@@ -1,0 +1,230 @@
+r"""Seed studies: one run per seed of the varied factor(s), then statistics and a report.
+
+    jaxrepro study --config=configs/digits.py --vary=aug --seeds=0-3 --out=results/NAME
+
+* ``--vary=aug``: one run per seed, every other factor held at its base seed.
+  ``--vary=aug,data`` (or ``all``): one factor at a time, the others held fixed (the
+  design of Bouthillier et al. 2021); ``--vary=aug*data``: the full grid of seeds.
+* ``--grid=data.augment.crop.padding=4,3`` (repeatable: the product): every grid point
+  runs with every seed, so a study can hold the seeds fixed and vary the config.
+
+Each run is a separate ``jaxrepro train`` process (a local pool of ``--parallel``), into
+``OUT/runs/NAME``; ``OUT/jobs.txt`` holds one shell command per run (``--jobs_only``
+writes it and stops, for a cluster). The base config, with every override the user gave,
+is ``OUT/study_config.json``, loaded by the generated ``OUT/study_config.py``. A study
+restarted with the same arguments skips its finished runs; an ``--out`` that holds another
+study is refused. Then: statistics, attribution of drop-offs, figures, an exact replay of
+the largest drop-off, ``OUT/report.md`` and ``OUT/summary.json``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import os
+import shlex
+import sys
+import time
+
+from jaxrepro import config as config_lib
+from jaxrepro import jsonio
+from jaxrepro.errors import ConfigError
+from jaxrepro.report import report as report_lib
+from jaxrepro.study.analysis import analyze, largest_event, severity
+from jaxrepro.study.plan import (
+    FINISHED,
+    SESSIONS_FILE,
+    STUDY_FILE,
+    Run,
+    Spec,
+    copy_config,
+    job_argv,
+    make_spec,
+    parse_grid,
+    parse_seeds,
+    parse_vary,
+    plan_runs,
+    prepare_out,
+    run_status,
+    write_jobs,
+)
+from jaxrepro.study.pool import StudyInterrupted, run_pool
+
+__all__ = [
+    "FINISHED",
+    "STUDY_FILE",
+    "Run",
+    "Spec",
+    "StudyInterrupted",
+    "analyze",
+    "copy_config",
+    "job_argv",
+    "largest_event",
+    "main_from_flags",
+    "make_spec",
+    "parse_grid",
+    "parse_seeds",
+    "parse_vary",
+    "plan_runs",
+    "prepare_out",
+    "run_study",
+    "severity",
+    "source_hash",
+]
+
+log = logging.getLogger("jaxrepro")
+_ANALYSIS_ONLY = ("study", "report", "__pycache__")
+
+
+def source_hash() -> str:
+    """sha256 of the source a run executes: a study notices code edited while it ran.
+
+    All of jaxrepro but study/ and report/, which only read what runs wrote (so a report
+    can be redrawn by newer code). run.json's git commit cannot tell: an uncommitted edit
+    leaves it unchanged.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digest = hashlib.sha256()
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if folder != root or d not in _ANALYSIS_ONLY)
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = os.path.join(folder, name)
+            digest.update(os.path.relpath(path, root).encode() + b"\0")
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def _session(out: str, row: dict) -> list[dict]:
+    path = os.path.join(out, SESSIONS_FILE)
+    rows = jsonio.read_jsonl(path) + [row]
+    jsonio.write_jsonl(path, rows)
+    return rows
+
+
+def run_study(
+    config,
+    out: str,
+    *,
+    vary,
+    seeds,
+    grid=(),
+    parallel: int = 1,
+    jobs_only: bool = False,
+    replay: bool = True,
+    replay_metric: str | None = None,
+    window: int = 5,
+    k_last: int = 3,
+    n_boot: int = 2000,
+    command: str | None = None,
+    python: str | None = None,
+    env: dict | None = None,
+) -> dict:
+    """Runs (or resumes) a seed study into ``out``; returns the summary (also summary.json).
+
+    Args:
+        config: the base config (a locked ConfigDict, the user's overrides applied).
+        out: the study's directory.
+        vary: ``aug`` | ``aug,data`` | ``all`` | ``aug*data``.
+        seeds: ``0-7`` | ``0,1,5`` (or a list of ints).
+        grid: ``["dotted.key=v1,v2", ...]``; every grid point runs every seed.
+        parallel: runs at once (separate processes).
+        jobs_only: write OUT/jobs.txt and study.json and run nothing.
+        replay: exactly replay the largest drop-off after the runs.
+        replay_metric: only consider drop-offs whose metric starts with this (e.g. 'loss').
+        window: steps within which drop-offs of different runs are one event.
+        k_last: final metrics also as the mean of the last ``k_last`` evals.
+        n_boot: bootstrap resamples.
+        command: the command line recorded in the report.
+        python: the interpreter of the runs (default: this one).
+        env: extra environment variables of the runs.
+
+    Returns:
+        The summary dict; with ``jobs_only``, ``{"jobs": path, "runs": [...]}``.
+    """
+    t0, started = time.time(), datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    if not isinstance(parallel, int) or parallel < 1:
+        raise ConfigError(f"--parallel must be an integer >= 1, got {parallel!r}")
+    if not out:
+        raise ConfigError("--out is required: the study's directory")
+    out = os.path.abspath(out)
+    spec = make_spec(vary, seeds, grid)
+    config_lib.validate(config)
+    runs = plan_runs(config, spec)
+    prepare_out(config, spec, runs, out)
+    jobs = write_jobs(out, runs, python)
+    if jobs_only:
+        log.info("study: %d jobs written to %s; nothing run", len(runs), jobs)
+        return {"jobs": jobs, "runs": [r.name for r in runs]}
+    todo = [r for r in runs if run_status(out, r) not in FINISHED]
+    session = {
+        "started": started,
+        "code_at_start": source_hash(),
+        "launched": [r.name for r in todo],
+        "skipped": [r.name for r in runs if r not in todo],
+    }
+    log.info(
+        "study: %d runs, %d finished already, %d to run",
+        len(runs),
+        len(runs) - len(todo),
+        len(todo),
+    )
+    try:
+        codes = run_pool(out, todo, parallel, python, env)
+    except BaseException:
+        _session(out, dict(session, interrupted=True, wall_s=round(time.time() - t0, 1)))
+        raise
+    session["failed"] = [r.name for r in todo if run_status(out, r) not in FINISHED]
+    session["exit_codes"] = codes
+    summary = analyze(
+        out,
+        config,
+        spec,
+        runs,
+        window=window,
+        k_last=k_last,
+        n_boot=n_boot,
+        replay=replay,
+        replay_metric=replay_metric,
+        python=python,
+        env=env,
+    )
+    end = dict(session, code_at_end=source_hash(), wall_s=round(time.time() - t0, 1))
+    sessions = _session(out, end)
+    summary["sessions"] = sessions
+    codes_seen = {c for r in sessions for c in (r.get("code_at_start"), r.get("code_at_end"))}
+    summary["code_changed"] = len(codes_seen - {None}) > 1
+    summary["wall_time_s"] = round(sum(s.get("wall_s", 0.0) for s in sessions), 1)
+    summary["command"] = command
+    summary["report"] = "report.md"
+    jsonio.write_json(os.path.join(out, "summary.json"), summary)
+    report_lib.write_report(out, summary)
+    return summary
+
+
+def _command_line() -> str:
+    return "python -m jaxrepro " + shlex.join(sys.argv[1:])
+
+
+def main_from_flags(flags, config) -> int:
+    """``jaxrepro study``: the thin wrapper over :func:`run_study`."""
+    summary = run_study(
+        config,
+        flags.out,
+        vary=flags.vary,
+        seeds=flags.seeds,
+        grid=flags.grid,
+        parallel=flags.parallel,
+        jobs_only=flags.jobs_only,
+        replay=getattr(flags, "study_replay", True),
+        command=_command_line(),
+    )
+    if flags.jobs_only:
+        print(f"{len(summary['runs'])} jobs: {summary['jobs']}")
+        return 0
+    out = os.path.abspath(flags.out)
+    missing = summary["missing_runs"]
+    print(f"{len(summary['runs'])} runs finished, {len(missing)} not: {', '.join(missing) or '-'}")
+    print(f"report: {os.path.join(out, 'report.md')}  summary: {os.path.join(out, 'summary.json')}")
+    return 1 if missing else 0

@@ -1,0 +1,93 @@
+"""The local pool: each run a separate ``jaxrepro train`` process, N at a time.
+
+A run's output goes to OUT/logs/NAME.txt. SIGTERM to the study (a cluster's preemption)
+is passed on to the runs, which checkpoint and exit; rerunning the study resumes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+
+from jaxrepro.errors import JaxreproError
+from jaxrepro.study.plan import Run, job_argv, log_path
+
+log = logging.getLogger("jaxrepro")
+
+
+class StudyInterrupted(JaxreproError):
+    """SIGTERM reached the study: its runs were stopped at a checkpoint."""
+
+
+class _SigtermAsError:
+    """While the pool runs, SIGTERM (a cluster's preemption) stops it cleanly."""
+
+    def __enter__(self):
+        self.requested, self._old = False, None
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _stop(running: dict) -> None:
+    """SIGTERM to each run (it checkpoints and exits), then wait; kill what hangs."""
+    for _, proc in running.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for _, proc in running.values():
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_pool(out: str, runs: list[Run], parallel: int, python=None, env=None) -> dict:
+    """Runs ``runs`` as separate processes, ``parallel`` at a time; name -> exit code."""
+    pending, running, codes = list(runs), {}, {}
+    environ = dict(os.environ, **(env or {}))
+    with _SigtermAsError() as term:
+        try:
+            while pending or running:
+                if term.requested:
+                    raise StudyInterrupted(
+                        f"SIGTERM: {len(running)} run(s) stopped at a checkpoint; "
+                        "rerun the same command to resume the study"
+                    )
+                while pending and len(running) < parallel:
+                    run = pending.pop(0)
+                    with open(log_path(out, run), "a") as logf:
+                        proc = subprocess.Popen(
+                            job_argv(out, run, python),
+                            stdout=logf,
+                            stderr=subprocess.STDOUT,
+                            env=environ,
+                        )
+                    running[run.name] = (time.time(), proc)
+                    log.info("study: started %s (%d left to start)", run.name, len(pending))
+                for name, (t0, proc) in list(running.items()):
+                    if proc.poll() is not None:
+                        codes[name] = proc.returncode
+                        del running[name]
+                        log.info(
+                            "study: %s exited %d after %.0fs",
+                            name,
+                            proc.returncode,
+                            time.time() - t0,
+                        )
+                time.sleep(0.2)
+        finally:
+            _stop(running)
+    return codes
