@@ -5,7 +5,7 @@ r"""The command line: ``jaxrepro COMMAND --flags`` (also ``python -m jaxrepro``)
     jaxrepro dropoffs --workdir=DIR
     jaxrepro replay   --workdir=RUN (--dropoff=I | --from_step=S) [--override k=v ...]
                       [--skip_batches=N] [--steps=N] [--name=NAME]
-    jaxrepro audit    --config=... --steps=N [--out=DIR]
+    jaxrepro audit    --config=... --steps=N [--out=DIR] [--devices=8 | --devices=2,8]
     jaxrepro study    --config=... --vary=aug --seeds=0-7 --out=DIR [--grid=k=v1,v2]
     jaxrepro port     --arch=resnet50 --torch=FILE --out=DIR
     jaxrepro torch_train --config=... --workdir=DIR   (the PyTorch reference run)
@@ -41,6 +41,9 @@ flags.DEFINE_multi_string("override", [], "replay: counterfactual change, key=va
 flags.DEFINE_integer("skip_batches", 0, "replay: skip this many batches of the data order.")
 flags.DEFINE_string("name", None, "replay: name of the branch under RUN/replays/.")
 flags.DEFINE_integer("steps", None, "replay: steps to train; audit: steps to audit.")
+flags.DEFINE_string(
+    "devices", None, "audit: also run on these device counts (8, or 2,8) and compare with 1."
+)
 flags.DEFINE_string("out", None, "Output directory (audit, study, port, compare, bench).")
 flags.DEFINE_string("vary", None, "study: factors to vary: aug | aug,data | all.")
 flags.DEFINE_string("seeds", None, "study: seeds, e.g. 0-7 or 0,1,5.")
@@ -134,7 +137,7 @@ def cmd_audit(argv):
     from jaxrepro import audit
 
     steps = FLAGS.steps if FLAGS.steps is not None else 8
-    r = audit.audit(_config(), steps, FLAGS.out)
+    r = audit.audit(_config(), steps, FLAGS.out, devices=_device_counts())
     for name in ("repeat", "kill_and_resume"):
         v = r[name]
         ok = v["metrics_bitwise_equal"] and v["state_bitwise_equal"]
@@ -144,7 +147,32 @@ def cmd_audit(argv):
             else f" first difference {v['first_difference']}, leaves {v['differing_leaves'][:5]}"
         )
         print(f"{name}: {'bitwise identical' if ok else 'DIFFERS'}{detail}")
+    if "devices" in r:
+        _print_devices(r["devices"])
     return 0 if r["ok"] else 1
+
+
+def _device_counts() -> list[int] | None:
+    if FLAGS.devices is None:
+        return None
+    try:
+        return [int(d) for d in FLAGS.devices.split(",")]
+    except ValueError as e:
+        raise JaxreproError(f"--devices={FLAGS.devices!r}: expected counts like 8 or 2,8") from e
+
+
+def _print_devices(r: dict) -> None:
+    top = r["devices"][-1]
+    same = r["repeat"]["metrics_bitwise_equal"] and r["repeat"]["state_bitwise_equal"]
+    print(f"{top} devices, run twice: {'bitwise identical' if same else 'DIFFERS'}")
+    for d, v in r["versus_one"].items():
+        worst = v["divergence"]["max"].get("loss", {})
+        print(
+            f"{d} devices vs 1: max |loss diff| {worst.get('abs', 0):.3g} "
+            f"(relative {worst.get('rel', 0):.3g}) over {v['divergence']['compared_rows']} rows; "
+            f"final params max |diff| {v['params']['max_abs']:.3g}, "
+            f"relative norm {v['params']['relative_norm']:.3g}"
+        )
 
 
 @command
@@ -158,7 +186,10 @@ def cmd_study(argv):
 def cmd_port(argv):
     from jaxrepro.compare import torch_port
 
-    state_dict = torch_port.load_torch_file(_require("torch"))
+    path = _require("torch")
+    if not os.path.isfile(path):
+        raise JaxreproError(f"--torch={path!r}: no such file")
+    state_dict = torch_port.load_torch_file(path)
     variables = torch_port.torch_to_flax(state_dict, _require("arch"))
     out = torch_port.save_flax(variables, FLAGS.arch, _require("out"), source=FLAGS.torch)
     print(
@@ -231,6 +262,21 @@ def _setup_logging():
         logger.addHandler(handler)
 
 
+def _before_backend() -> None:
+    """Deterministic GPU mode's XLA flags and ``jax.distributed``: both before any JAX work."""
+    from jaxrepro import parallel
+
+    settings = None  # the defaults (deterministic), unless a config says otherwise
+    if _CONFIG.value is not None and "determinism" in _CONFIG.value:
+        settings = _CONFIG.value.determinism.to_dict()
+    elif FLAGS.workdir and os.path.isfile(os.path.join(FLAGS.workdir, "config.json")):
+        from jaxrepro import jsonio  # replay & co: the run's own setting
+
+        settings = jsonio.read_json(os.path.join(FLAGS.workdir, "config.json")).get("determinism")
+    parallel.apply_determinism(settings)
+    parallel.initialize()
+
+
 def main(argv):
     if len(argv) < 2 or argv[1] not in COMMANDS:
         got = argv[1] if len(argv) > 1 else "nothing"
@@ -243,8 +289,9 @@ def main(argv):
         print(f"error: unexpected arguments {argv[2:]}", file=sys.stderr)
         return 2
     _setup_logging()
-    setup_compile_cache()
     try:
+        _before_backend()
+        setup_compile_cache()
         return COMMANDS[argv[1]](argv)
     except JaxreproError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -2,17 +2,32 @@
 
 Reports bitwise agreement of every metric row and every array of the final state, and
 where they differ, the first differing step and the differing leaves.
+
+With ``devices=D`` it also runs the config on D devices (twice) and on 1 device, each in a
+process of its own (on CPU: ``--xla_force_host_platform_device_count``), and reports whether
+the D-device run repeats bit for bit, and how far it is from the 1-device run, step by step
+(reductions over the batch are summed in another order, so bitwise equality is not
+expected; the difference is measured, not hidden).
+
+    python -m jaxrepro audit --config=configs/digits.py:smoke --steps=8 --devices=8
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
-from jaxrepro import jsonio
+import jax
+import numpy as np
+
+from jaxrepro import config as config_lib
+from jaxrepro import hashing, jsonio
 from jaxrepro.checkpoints import Checkpoints
-from jaxrepro.errors import ConfigError
+from jaxrepro.errors import ConfigError, JaxreproError
 from jaxrepro.replay import compare
 from jaxrepro.train import loop
 from jaxrepro.workdir import Workdir
@@ -56,8 +71,12 @@ def _versus(a: str, b: str) -> dict:
     }
 
 
-def audit(config, steps: int, out: str | None = None) -> dict:
-    """Runs the audit in a scratch dir; writes ``audit.json`` into ``out`` if given."""
+def audit(config, steps: int, out: str | None = None, devices: int | None = None) -> dict:
+    """Runs the audit in a scratch dir; writes ``audit.json`` into ``out`` if given.
+
+    ``devices``: also compare D devices with 1 (``compare_devices``); its D-device repeat
+    must be bitwise for ``ok``, its divergence from 1 device is reported.
+    """
     config = shorten(config, steps)
     scratch = tempfile.mkdtemp(prefix="jaxrepro-audit-")
     try:
@@ -72,13 +91,226 @@ def audit(config, steps: int, out: str | None = None) -> dict:
             "repeat": _versus(a, b),
             "kill_and_resume": _versus(a, c),
         }
-        report["ok"] = all(
-            r["metrics_bitwise_equal"] and r["state_bitwise_equal"]
-            for r in (report["repeat"], report["kill_and_resume"])
-        )
+        checks = [report["repeat"], report["kill_and_resume"]]
+        if devices is not None:
+            report["devices"] = compare_devices(config, steps, devices)
+            checks.append(report["devices"]["repeat"])
+        report["ok"] = all(r["metrics_bitwise_equal"] and r["state_bitwise_equal"] for r in checks)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if out:
         os.makedirs(out, exist_ok=True)
         jsonio.write_json(os.path.join(out, "audit.json"), report)
     return report
+
+
+# ----------------------------------------------------------------------------- D devices vs 1
+
+_METRICS = ("loss", "accuracy", "grad_norm", "update_norm", "param_norm")
+_DEVICE_FLAG = "--xla_force_host_platform_device_count"
+
+
+def _row_key(row: dict) -> tuple:
+    return row["kind"], row["step"], row["phase"], row.get("split")
+
+
+def _number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def divergence(rows_a: list[dict], rows_b: list[dict]) -> dict:
+    """Per logged step, ``|a - b|`` and ``|a - b| / max(|a|, |b|)`` of every metric. Pure.
+
+    Rows are matched by (kind, step, phase, split); ``max`` holds each metric's largest
+    absolute and relative difference, ``first_difference`` the first row that differs.
+    """
+    other = {_row_key(r): r for r in rows_b}
+    steps, worst, first = [], {}, None
+    for row in rows_a:
+        o = other.get(_row_key(row))
+        if o is None:
+            continue
+        entry = {"kind": row["kind"], "step": row["step"], "phase": row["phase"]}
+        if row.get("split"):
+            entry["split"] = row["split"]
+        for k in _METRICS:
+            a, b = row.get(k), o.get(k)
+            if not (_number(a) and _number(b)):
+                continue
+            d = abs(a - b)
+            rel = d / max(abs(a), abs(b)) if d else 0.0
+            entry[k] = {"abs": d, "rel": rel}
+            w = worst.setdefault(k, {"abs": 0.0, "rel": 0.0})
+            w["abs"], w["rel"] = max(w["abs"], d), max(w["rel"], rel)
+            if d and first is None:
+                first = {"kind": row["kind"], "step": row["step"], "metric": k}
+        steps.append(entry)
+    return {"compared_rows": len(steps), "first_difference": first, "max": worst, "steps": steps}
+
+
+def final_arrays(path: str) -> dict[str, np.ndarray]:
+    """Every array of a run's latest checkpoint, as numpy, keyed by path (any device count)."""
+    import orbax.checkpoint as ocp
+
+    ckpts = Checkpoints(os.path.join(path, "checkpoints"), read_only=True)
+    try:
+        step = ckpts.latest_step()
+    finally:
+        ckpts.close()
+    if step is None:
+        raise JaxreproError(f"{path} has no checkpoint to compare")
+    item = os.path.join(path, "checkpoints", str(step), "state")
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(item).item_metadata.tree
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    out = checkpointer.restore(item, restore_args=args)
+    return {
+        hashing.path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(out)[0]
+    }
+
+
+def array_divergence(a: dict, b: dict, prefix: str = "params/") -> dict:
+    """Largest ``|a - b|`` over the arrays under ``prefix``, and ``||a - b|| / ||a||``."""
+    names = sorted(k for k in a if k.startswith(prefix))
+    if sorted(k for k in b if k.startswith(prefix)) != names:
+        raise JaxreproError("the two runs' final states hold different arrays")
+    per_leaf, sq_diff, sq_norm = {}, 0.0, 0.0
+    for k in names:
+        x, y = a[k].astype(np.float64), b[k].astype(np.float64)
+        per_leaf[k] = float(np.max(np.abs(x - y))) if x.size else 0.0
+        sq_diff += float(np.sum((x - y) ** 2))
+        sq_norm += float(np.sum(x**2))
+    top = sorted(per_leaf.items(), key=lambda kv: -kv[1])[:5]
+    return {
+        "max_abs": max(per_leaf.values(), default=0.0),
+        "relative_norm": math.sqrt(sq_diff / sq_norm) if sq_norm else 0.0,
+        "largest": dict(top),
+        "arrays": len(names),
+    }
+
+
+def _device_env(devices: int, cpu: bool) -> dict:
+    env = dict(os.environ)
+    if cpu:  # simulated devices: the flag must be set before the child's backend starts
+        kept = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICE_FLAG)]
+        env["XLA_FLAGS"] = " ".join([*kept, f"{_DEVICE_FLAG}={devices}"])
+    cache = jax.config.jax_compilation_cache_dir
+    if cache and "JAXREPRO_COMPILE_CACHE_DIR" not in env:
+        env["JAXREPRO_COMPILE_CACHE_DIR"] = cache  # the child reuses what this process compiled
+    return env
+
+
+def _on_devices(config, devices: int):
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.parallel.num_devices = devices
+    return config
+
+
+def _spawn(runs: list[tuple], devices: int, scratch: str, cpu: bool):
+    """One process with ``devices`` devices training each ``(config, workdir)`` in turn."""
+    args = []
+    for i, (config, workdir) in enumerate(runs):
+        path = os.path.join(scratch, f"config_{devices}_{i}.json")
+        jsonio.write_json(path, config_lib.to_dict(config))
+        args += [path, workdir]
+    log = open(os.path.join(scratch, f"log_{devices}.txt"), "w")  # noqa: SIM115 - closed in _wait
+    cmd = [sys.executable, "-m", "jaxrepro.audit", *args]
+    return subprocess.Popen(cmd, env=_device_env(devices, cpu), stdout=log, stderr=log), log
+
+
+def _wait(proc, log, timeout: float) -> None:
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        code = "timeout"
+    log.close()
+    if code != 0:
+        with open(log.name) as f:
+            tail = f.read()[-3000:]
+        raise JaxreproError(f"device run {proc.args[3::2]} failed ({code}):\n{tail}")
+
+
+def _counts(devices) -> list[int]:
+    counts = [devices] if isinstance(devices, int) else list(devices)
+    if not counts or any(isinstance(d, bool) or not isinstance(d, int) or d < 2 for d in counts):
+        raise ConfigError(f"--devices must be device counts >= 2, got {devices!r}")
+    return sorted(set(counts))
+
+
+def compare_devices(
+    config, steps: int, devices, *, workdir: str | None = None, timeout: float = 1800
+) -> dict:
+    """Runs ``config`` for ``steps`` steps on 1 device and on each count in ``devices``.
+
+    The runs on D devices share one process with max(D) devices (each on a mesh of its
+    own size; the largest twice, for the bitwise repeat). The 1-device run goes on in this
+    process when it has one device, else in a process of its own, at the same time.
+
+    Args:
+      config: the run's config (shortened to ``steps`` as ``audit`` does).
+      steps: global steps to run.
+      devices: a device count >= 2, or several.
+      workdir: keep the runs here (``d1``, ``d<D>``, ``d<D>_again``); None: a temp dir.
+      timeout: seconds the other process may take.
+
+    Returns:
+      ``repeat``: the largest count's bitwise verdict run to run; ``versus_one[D]``: the
+      per-step metric divergence from the 1-device run and the final parameters' one.
+    """
+    counts = _counts(devices)
+    config = shorten(config, steps)
+    cpu = jax.default_backend() == "cpu"
+    scratch = workdir or tempfile.mkdtemp(prefix="jaxrepro-devices-")
+    os.makedirs(scratch, exist_ok=True)
+    path = {d: os.path.join(scratch, f"d{d}") for d in [1, *counts]}
+    again = path[counts[-1]] + "_again"
+    try:
+        runs = [(_on_devices(config, d), path[d]) for d in counts]
+        runs.append((runs[-1][0], again))
+        procs = [_spawn(runs, counts[-1], scratch, cpu)]
+        one = (_on_devices(config, 1), path[1])
+        if jax.device_count() == 1:
+            loop.run(*one)
+        else:
+            procs.append(_spawn([one], 1, scratch, cpu))
+        for proc, log in procs:
+            _wait(proc, log, timeout)
+        reference, ref_arrays = Workdir(path[1]).metrics(), final_arrays(path[1])
+        report = {"devices": counts, "steps": steps, "repeat": _versus(path[counts[-1]], again)}
+        report["versus_one"] = {
+            str(d): {
+                "mesh": Workdir(path[d]).read_run()["mesh"]["devices"],
+                "divergence": divergence(reference, Workdir(path[d]).metrics()),
+                "params": array_divergence(ref_arrays, final_arrays(path[d])),
+            }
+            for d in counts
+        }
+        return report
+    finally:
+        if workdir is None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _device_worker(argv: list[str]) -> int:
+    """``python -m jaxrepro.audit CONFIG_JSON WORKDIR [CONFIG_JSON WORKDIR ...]``."""
+    cache = os.environ.get("JAXREPRO_COMPILE_CACHE_DIR")
+    if cache:
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    pairs = argv[1:]
+    if not pairs or len(pairs) % 2:
+        print("usage: python -m jaxrepro.audit CONFIG_JSON WORKDIR [...]", file=sys.stderr)
+        return 2
+    for config_path, workdir in zip(pairs[::2], pairs[1::2], strict=True):
+        info = loop.run(config_lib.from_dict(jsonio.read_json(config_path)), workdir)
+        if info["status"] != "done":
+            print(f"{workdir}: {info['status']}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_device_worker(sys.argv))

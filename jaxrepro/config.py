@@ -225,6 +225,17 @@ def validate(config) -> None:
     _positive_int(config, "checkpoint.every", allow_zero=True)
     _positive_int(config, "checkpoint.keep_last")
     _positive_int(config, "checkpoint.keep_every", allow_zero=True)
+    _validate_parallel(config)
+
+
+def _validate_parallel(config):
+    gpu_det = _require(config, "determinism.gpu_deterministic")
+    _check_type(gpu_det, bool, "determinism.gpu_deterministic")
+    level = _require(config, "determinism.gpu_autotune_level")
+    if level is not None:
+        _check_type(level, int, "determinism.gpu_autotune_level")
+        _check(0 <= level <= 5, "determinism.gpu_autotune_level", f"{level} is not in [0, 5]")
+    _positive_int(config, "parallel.num_devices", allow_none=True)
 
 
 def _validate_data(config):
@@ -371,6 +382,15 @@ def base() -> ml_collections.ConfigDict:
 
     c.runtime = ml_collections.ConfigDict()  # does not change the trajectory
     c.runtime.progress_every_s = 10.0
+
+    # GPU only (jaxrepro.parallel): XLA flags set before the backend starts, kept in run.json.
+    c.determinism = ml_collections.ConfigDict()
+    c.determinism.gpu_deterministic = True  # --xla_gpu_deterministic_ops=true
+    # 0: no autotuning (it times kernels, and another run may pick others); None: XLA's own.
+    c.determinism.gpu_autotune_level = config_dict.FieldReference(0, field_type=int)
+
+    c.parallel = ml_collections.ConfigDict()  # the 'data' mesh (jaxrepro.parallel)
+    c.parallel.num_devices = config_dict.placeholder(int)  # None: every device
     return c
 
 

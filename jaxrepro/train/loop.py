@@ -27,10 +27,10 @@ import numpy as np
 from jaxrepro import config as config_lib
 from jaxrepro import data as data_lib
 from jaxrepro import dropoff as dropoff_lib
-from jaxrepro import hashing, rng
+from jaxrepro import hashing, jsonio, parallel, rng
 from jaxrepro.checkpoints import Checkpoints, protected_steps
 from jaxrepro.data import order as order_lib
-from jaxrepro.errors import CheckpointError, ConfigError, JaxreproError
+from jaxrepro.errors import CheckpointError, ConfigError, JaxreproError, WorkdirError
 from jaxrepro.train import runinfo
 from jaxrepro.train import state as state_lib
 from jaxrepro.train.step import make_eval_step, make_train_step
@@ -40,6 +40,7 @@ log = logging.getLogger("jaxrepro")
 
 _FAR_MEAN = 0.5  # fine-tune input mean this many pretrain stds away -> warn
 _FAR_STD = 2.0  # fine-tune input std off by this factor -> warn
+_STOP_CHECK_EVERY = 10  # multi-host: steps between SIGTERM agreements (each a collective)
 
 
 @dataclasses.dataclass
@@ -93,10 +94,11 @@ def make_phases(config, data: Data, conv_impl: str) -> list[state_lib.Phase]:
     for name in rng.PHASES:
         src = data.train(name)
         steps = phase_steps(config, name, len(src))
-        if config[name].batch_size % jax.device_count():
+        devices = config.parallel.num_devices or jax.device_count()  # the mesh's size
+        if config[name].batch_size % devices:
             raise ConfigError(
                 f"config field {name}.batch_size: {config[name].batch_size} is not divisible "
-                f"by the {jax.device_count()} devices"
+                f"by the {devices} devices"
             )
         phases.append(state_lib.make_phase(config, name, start, steps, src.num_classes, conv_impl))
         start += steps
@@ -151,13 +153,14 @@ def run(config, workdir: str, *, stop_after: int | None = None, origin: Origin |
     """
     rng.configure()
     config_lib.validate(config)
+    parallel.apply_determinism(config.determinism)  # in time only before the backend starts
     ws = Workdir(workdir)
     claimed = config_lib.to_dict(config)
     if origin is not None:
         claimed["replay"] = dict(
             origin.info, from_step=origin.step, until=origin.until, skip_batches=origin.skip_batches
         )
-    resuming = ws.claim(claimed)
+    resuming = _claim(ws, claimed)
     run_info = ws.read_run()
     if resuming and run_info.get("status") in ("done", "diverged"):
         log.info("%s: run already %s; nothing to do", ws.path, run_info["status"])
@@ -166,9 +169,25 @@ def run(config, workdir: str, *, stop_after: int | None = None, origin: Origin |
     try:
         return runner.run(stop_after)
     except BaseException as e:  # record why, keep what is on disk, and re-raise
-        if not isinstance(e, KeyboardInterrupt | JaxreproError):
+        if not isinstance(e, KeyboardInterrupt | JaxreproError) and parallel.is_primary():
             ws.update_run(status="failed", error=f"{type(e).__name__}: {str(e)[:2000]}")
         raise
+
+
+def _claim(ws: Workdir, claimed: dict) -> bool:
+    """Process 0 claims the workdir; the other hosts follow its verdict (and its refusal)."""
+    verdict, error = -1, None
+    if parallel.is_primary():
+        try:
+            verdict = int(ws.claim(claimed))
+        except WorkdirError as e:
+            error = e
+    verdict = parallel.broadcast_int(verdict)
+    if error is not None:
+        raise error
+    if verdict < 0:
+        raise WorkdirError(f"process 0 refused the workdir {ws.path} (its log says why)")
+    return bool(verdict)
 
 
 class Runner:
@@ -181,6 +200,8 @@ class Runner:
         self.seeds = rng.resolve_seeds(config)
         self.roots = rng.roots(self.seeds)
         self.conv_impl = resolve_conv_impl(config)
+        self.par = parallel.DataParallel(config.parallel.num_devices)
+        self.primary = parallel.is_primary()  # only process 0 writes the workdir's files
         self.data = load_data(config)
         self.phases = make_phases(config, self.data, self.conv_impl)
         self.total = self.phases[-1].end
@@ -195,6 +216,7 @@ class Runner:
         self._train_fns = {}
         self._eval_fns = {}
         self._eval_batches = {}
+        self._mesh_keys = {}
 
     # -- setup
     def phase_of(self, step: int) -> state_lib.Phase:
@@ -226,6 +248,7 @@ class Runner:
             target = jax.eval_shape(
                 lambda s: state_lib.to_finetune(self.config, self.seeds, s, phase), target
             )
+        target = self.par.replicate(target)  # restore straight into replicated arrays
         state, meta = ckpts.restore(step, target, expect={"model": self.config.model.name})
         log.info("restored checkpoint %d (%s) from %s", step, meta.get("phase"), ckpts.directory)
         return state, meta["phase"]
@@ -243,8 +266,9 @@ class Runner:
                 std=tuple(self.config.data.normalize.std),
                 policy=self.config.train.nonfinite_policy,
             )
+            fn = self.par.jit_train_step(fn)  # batch sharded, state replicated
             t0 = time.perf_counter()
-            compiled = fn.lower(state, batch, *self.keys(phase)).compile()
+            compiled = fn.lower(state, batch, *self.mesh_keys(phase)).compile()
             self.compile_s[f"train_{phase.name}"] = round(time.perf_counter() - t0, 3)
             self._train_fns[phase.name] = compiled
         return self._train_fns[phase.name]
@@ -255,30 +279,52 @@ class Runner:
             rng.phase_root(self.roots["dropout"], phase.name),
         )
 
+    def mesh_keys(self, phase):
+        """``keys(phase)`` replicated on the mesh, as the compiled step takes them."""
+        if phase.name not in self._mesh_keys:
+            self._mesh_keys[phase.name] = self.par.replicate(self.keys(phase))
+        return self._mesh_keys[phase.name]
+
     def eval_fn(self, phase):
         if phase.name not in self._eval_fns:
-            self._eval_fns[phase.name] = make_eval_step(
+            fn = make_eval_step(
                 module=phase.module,
                 mean=tuple(self.config.data.normalize.mean),
                 std=tuple(self.config.data.normalize.std),
             )
+            self._eval_fns[phase.name] = self.par.jit_eval_step(fn)
         return self._eval_fns[phase.name]
 
     # -- data
-    def batch(self, phase, step: int) -> dict:
-        src = self.data.train(phase.name)
+    def batch_ids(self, phase, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(example ids, their epochs) of the global batch of ``step``."""
         position = step - phase.start
         if self.origin is not None and step >= self.origin.step:
             position += self.origin.skip_batches
-        ids, epochs = order_lib.batch_ids(
+        return order_lib.batch_ids(
             self.roots["data"],
             phase.name,
             position,
             phase.batch_size,
-            len(src),
+            len(self.data.train(phase.name)),
             self.config.data.remainder,
         )
-        images, labels = src.get(ids)
+
+    def batch(self, phase, step: int) -> dict:
+        """The global batch of ``step`` as host arrays (every host's rows)."""
+        return self._read(phase, *self.batch_ids(phase, step))
+
+    def device_batch(self, phase, step: int) -> tuple[dict, int]:
+        """(the global batch sharded over the mesh, the epoch of its first example).
+
+        This host reads only its own rows of the global batch (``parallel.host_slice``).
+        """
+        ids, epochs = self.batch_ids(phase, step)
+        local = self._read(phase, self.par.host_slice(ids), self.par.host_slice(epochs))
+        return self.par.shard_batch(local, phase.batch_size), int(epochs[0])
+
+    def _read(self, phase, ids, epochs) -> dict:
+        images, labels = self.data.train(phase.name).get(ids)
         return {
             "image": images,
             "label": np.asarray(labels, np.int32),
@@ -298,14 +344,18 @@ class Runner:
         return sets
 
     def _eval_batches_of(self, split, src):
+        """This host's rows of every eval batch (padded to a multiple of the device count)."""
         if split not in self._eval_batches:
-            bs = self.config.train.eval_batch_size
+            bs = self.par.round_up(self.config.train.eval_batch_size)
             n = len(src)
             batches = []
             for i in range(0, n, bs):
-                ids = np.arange(i, min(i + bs, n))
+                global_ids = np.arange(i, i + bs)
+                ids = self.par.host_slice(np.where(global_ids < n, global_ids, -1))
+                rows = len(ids)
+                ids = ids[ids >= 0]  # padding sits at the end of the batch, so of each slice
                 images, labels = src.get(ids)
-                pad = bs - len(ids)
+                pad = rows - len(ids)
                 mask = np.concatenate([np.ones(len(ids), bool), np.zeros(pad, bool)])
                 images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
                 labels = np.concatenate([labels, np.zeros(pad, labels.dtype)]).astype(np.int32)
@@ -317,8 +367,10 @@ class Runner:
         rows = []
         fn = self.eval_fn(phase)
         for split, src in self.eval_sets(phase):
+            bs = self.par.round_up(self.config.train.eval_batch_size)
             sums = [
-                fn(state.params, state.batch_stats, *b) for b in self._eval_batches_of(split, src)
+                fn(state.params, state.batch_stats, *self.par.shard_batch(b, bs))
+                for b in self._eval_batches_of(split, src)
             ]
             sums = jax.device_get(sums)
             n = len(src)
@@ -389,8 +441,11 @@ class Runner:
         info.setdefault("resumes", [])
         if how == "resume":
             info["resumes"].append({"from_step": start_step, "time": time.time()})
+        info["mesh"] = self.par.describe()
+        info["determinism"] = parallel.determinism_record(self.config.determinism)
         self.info = info
-        self.ws.update_run(**info)
+        if self.primary:
+            self.ws.update_run(**info)
 
     def _save(self, step, state, phase_name):
         """Checkpoint ``step`` unless it exists (orbax never overwrites a step)."""
@@ -404,8 +459,9 @@ class Runner:
 
     def run(self, stop_after: int | None) -> dict:
         state, state_phase, start, how = self._start()
+        state = self.par.replicate(state)
         self._write_run_start(start, how)
-        metrics = MetricsWriter(self.ws.metrics_path, None if how == "init" else start, state_phase)
+        metrics = self._open_metrics(None if how == "init" else start, state_phase)
         self.detector = dropoff_lib.OnlineDetector(self.config.dropoff)
         for row in metrics.rows:  # the detector is a pure function of the history
             self.detector.update(row)
@@ -413,7 +469,7 @@ class Runner:
         self.pending = None
         status, t_start, last_print, done_steps = "running", time.perf_counter(), 0.0, 0
         with _Sigterm() as sigterm:
-            s = start
+            s, stopping = start, False
             while s < self.end:
                 phase = self.phase_of(s)
                 if state_phase != phase.name:  # the pretrain -> fine-tune boundary
@@ -421,24 +477,25 @@ class Runner:
                     prev = next(p for p in self.phases if p.name == state_phase)
                     self._log_rows(self.evaluate(prev, state, s))
                     state = state_lib.to_finetune(self.config, self.seeds, state, phase)
+                    state = self.par.replicate(state)
                     state_phase = phase.name
                 if self._due(phase.eval_every, s - phase.start):
                     self._flush()
                     self._log_rows(self.evaluate(phase, state, s))
                 if s == phase.start or self._due(self.config.checkpoint.every, s):
                     self._save(s, state, state_phase)
-                batch = self.batch(phase, s)
-                keys = self.keys(phase)
+                batch, epoch = self.device_batch(phase, s)
                 fn = self.train_fn(phase, state, batch)
-                state, m = fn(state, batch, *keys)
+                state, m = fn(state, batch, *self.mesh_keys(phase))
                 self._flush()  # the previous step's row, while this one computes
-                self.pending = (phase, s, batch["epoch"][0], m)
+                self.pending = (phase, s, epoch, m)
                 s += 1
                 done_steps += 1
                 if self._should_stop():
                     status = "diverged"
                     break
-                if sigterm.requested or (stop_after is not None and s >= stop_after):
+                stopping = self._agreed_stop(sigterm.requested, s)
+                if stopping or (stop_after is not None and s >= stop_after):
                     break
                 now = time.perf_counter()
                 if done_steps == 1:
@@ -454,12 +511,33 @@ class Runner:
                 self._log_rows(self.evaluate(phase, state, s))
                 self._save(s, state, state_phase)
                 status = "done"
-            elif sigterm.requested:
+            elif stopping:
                 self._save(s, state, state_phase)
                 log.warning("SIGTERM: saved checkpoint %d; rerun the same command to resume", s)
         self.ckpts.close()
         metrics.close()
         return self._finish(state, status, s, time.perf_counter() - t_start)
+
+    def _agreed_stop(self, requested: bool, step: int) -> bool:
+        """Whether to stop for SIGTERM at ``step``: on every host alike.
+
+        Multi-host, the hosts compare their flags every few steps only (a collective), so
+        they all stop, and save, at the same step.
+        """
+        if self.par.process_count == 1:
+            return requested
+        return step % _STOP_CHECK_EVERY == 0 and parallel.any_process(requested)
+
+    def _open_metrics(self, keep_before_step, restored_phase):
+        """Process 0's MetricsWriter; the other hosts keep the same rows in memory only."""
+        writer = None
+        if self.primary:
+            writer = MetricsWriter(self.ws.metrics_path, keep_before_step, restored_phase)
+        parallel.sync("metrics-open")
+        if writer is None:
+            writer = parallel.RowMirror(jsonio.read_jsonl(self.ws.metrics_path))
+        parallel.sync("metrics-read")  # before process 0 appends
+        return writer
 
     @staticmethod
     def _due(every: int, phase_step: int) -> bool:
@@ -471,7 +549,8 @@ class Runner:
             self.metrics.write(row)
             for event in self.detector.update(row):
                 log.warning("drop-off: %s", event)
-                dropoff_lib.write_dropoffs(self.ws.path, self.detector.events)
+                if self.primary:
+                    dropoff_lib.write_dropoffs(self.ws.path, self.detector.events)
 
     def _flush(self):
         """Writes the pending train row (fetched one step late, so the host never waits)."""
@@ -567,7 +646,8 @@ class Runner:
 
     def _finish(self, state, status, step, wall) -> dict:
         stats, warnings = self._input_report()
-        dropoff_lib.write_dropoffs(self.ws.path, self.detector.events)
+        if self.primary:
+            dropoff_lib.write_dropoffs(self.ws.path, self.detector.events)
         fields = dict(
             status=status,
             step=int(step),
@@ -584,6 +664,7 @@ class Runner:
                 (state.params, state.batch_stats, state.opt_state)
             )
         self.info.update(fields)
-        self.ws.update_run(**self.info)
+        if self.primary:
+            self.ws.update_run(**self.info)
         log.info("%s: %s at step %d in %.1fs", self.ws.path, status, step, wall)
         return self.info
