@@ -62,6 +62,7 @@ flags.DEFINE_string(
     "compare: a PyTorch run or results file/dir.",
 )
 flags.DEFINE_string("jax", None, "compare: a jaxrepro run or study directory.")
+flags.DEFINE_bool("study_replay", True, "study: replay the largest drop-off exactly.")
 flags.DEFINE_bool("jobs_only", False, "study: write the job list for a cluster, run nothing.")
 flags.DEFINE_string("dataset", None, "prepare: dataset name.")
 flags.DEFINE_string("data_dir", None, "prepare: TFDS data dir (default: $JAXREPRO_DATA_DIR).")

@@ -130,6 +130,7 @@ def replay(
         until=p["until"],
         skip_batches=int(skip_batches),
         info={"run": ws.path, "dropoff": dropoff, "overrides": applied},
+        history=tuple(r for r in ws.metrics() if r["step"] < start),
     )
     info = loop.run(config, out, origin=origin)
     summary = compare(ws.metrics(), Workdir(out).metrics(), start=start)

@@ -142,6 +142,7 @@ class Origin:
     until: int | None = None
     skip_batches: int = 0
     info: dict = dataclasses.field(default_factory=dict)
+    history: tuple = ()  # the original's metric rows before ``step`` (detector context)
 
 
 def run(config, workdir: str, *, stop_after: int | None = None, origin: Origin | None = None):
@@ -406,7 +407,7 @@ class Runner:
         state = self.init_state()
         return state, self._first_phase().name, 0, "init"
 
-    def _write_run_start(self, start_step: int, how: str):
+    def _write_run_start(self, start_step: int, how: str, state):
         info = dict(self.info)
         if self.origin is not None:
             info.setdefault(
@@ -418,8 +419,8 @@ class Runner:
                     skip_batches=self.origin.skip_batches,
                 ),
             )
-        elif "init_param_hash" not in info:
-            info["init_param_hash"] = hashing.tree_hash(self.init_state().params)
+        elif how == "init":  # the state just built: no second init (and compile) to hash
+            info["init_param_hash"] = hashing.tree_hash(state.params)
         info.update(
             status="running",
             seeds=self.seeds,
@@ -459,11 +460,16 @@ class Runner:
 
     def run(self, stop_after: int | None) -> dict:
         state, state_phase, start, how = self._start()
+        self._write_run_start(start, how, state)
         state = self.par.replicate(state)
-        self._write_run_start(start, how)
         metrics = self._open_metrics(None if how == "init" else start, state_phase)
         self.detector = dropoff_lib.OnlineDetector(self.config.dropoff)
-        for row in metrics.rows:  # the detector is a pure function of the history
+        history = metrics.rows
+        if how == "origin" and self.origin.history:
+            # A branch judges its first steps against the original's recent past, so a
+            # drop-off just after the restore step is seen as in the original run.
+            history = [*self.origin.history, *metrics.rows]
+        for row in history:  # the detector is a pure function of the history
             self.detector.update(row)
         self.metrics = metrics
         self.pending = None
