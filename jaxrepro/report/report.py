@@ -458,8 +458,8 @@ def _replay_lines(replay: dict) -> list[str]:
         )
     flagged = "flagged it again" if replay.get("event_recurs") else "did not flag it"
     lines.append(
-        f"(The replay's own online detector, which starts with no history at the restored "
-        f"checkpoint, {flagged}.)"
+        f"(The replay's own online detector, primed with the original's rows before the "
+        f"restored checkpoint, {flagged}.)"
     )
     if replay.get("figure"):
         lines += ["", f"![replay overlay]({replay['figure']})"]
