@@ -236,6 +236,17 @@ def _validate_parallel(config):
         _check_type(level, int, "determinism.gpu_autotune_level")
         _check(0 <= level <= 5, "determinism.gpu_autotune_level", f"{level} is not in [0, 5]")
     _positive_int(config, "parallel.num_devices", allow_none=True)
+    _check_type(
+        _require(config, "determinism.device_invariant"), bool, "determinism.device_invariant"
+    )
+    groups = _positive_int(config, "determinism.groups")
+    if config.determinism.device_invariant:
+        for phase in rng.PHASES:
+            _check(
+                config[phase].batch_size % groups == 0,
+                f"{phase}.batch_size",
+                f"{config[phase].batch_size} is not divisible by determinism.groups={groups}",
+            )
 
 
 def _validate_data(config):
@@ -389,6 +400,10 @@ def base() -> ml_collections.ConfigDict:
     # 0: no autotuning (it times kernels, and another run may pick others); None: XLA's own.
     c.determinism.gpu_autotune_level = config_dict.FieldReference(0, field_type=int)
 
+    # Opt-in (jaxrepro.invariant): the same bits on 1, 2, 4 or 8 devices; the global batch is
+    # always cut into `groups` groups whose partial sums are combined in one fixed order.
+    c.determinism.device_invariant = False
+    c.determinism.groups = 8
     c.parallel = ml_collections.ConfigDict()  # the 'data' mesh (jaxrepro.parallel)
     c.parallel.num_devices = config_dict.placeholder(int)  # None: every device
     return c

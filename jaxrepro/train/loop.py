@@ -257,7 +257,7 @@ class Runner:
     # -- compiled functions
     def train_fn(self, phase, state, batch):
         if phase.name not in self._train_fns:
-            fn = make_train_step(
+            static = dict(
                 module=phase.module,
                 tx=phase.tx,
                 lr_fn=phase.lr_fn,
@@ -267,7 +267,14 @@ class Runner:
                 std=tuple(self.config.data.normalize.std),
                 policy=self.config.train.nonfinite_policy,
             )
-            fn = self.par.jit_train_step(fn)  # batch sharded, state replicated
+            if self.config.determinism.device_invariant:
+                from jaxrepro import invariant  # opt-in: grouped, fixed-order reductions
+
+                fn = invariant.make_invariant_train_step(
+                    mesh=self.par.mesh, groups=self.config.determinism.groups, **static
+                )
+            else:
+                fn = self.par.jit_train_step(make_train_step(**static))  # batch sharded
             t0 = time.perf_counter()
             compiled = fn.lower(state, batch, *self.mesh_keys(phase)).compile()
             self.compile_s[f"train_{phase.name}"] = round(time.perf_counter() - t0, 3)

@@ -1,0 +1,151 @@
+"""The process setup that bitwise equality is conditional on, and how to recreate it.
+
+Device-count invariance holds *within one process setup*. On CPU the setup includes
+the simulated device count: measured here (INVARIANT.md), the same one-device step in a
+process started with ``--xla_force_host_platform_device_count=1`` differs from the
+same step in a process started with ``=8`` (a few 1e-7 relative after two steps with
+``conv_impl='lax'``), although both run the same mesh of one device. The CPU thread
+count (the process's CPU affinity, which sizes XLA's intra-op thread pool) is recorded
+for the same reason. So to replay a run recorded with 8 simulated devices on one
+device, start the replay process with the recorded flags and threads, then use a mesh
+over the first device(s):
+
+    env = setup_for_replay(run_json)      # XLA_FLAGS, JAX_PLATFORMS, thread count
+    subprocess.run(cmd, env=os.environ | env)
+    # ...and in the new process, before its first JAX computation:
+    apply_env_threads()                   # CPU affinity from $JAXREPRO_CPU_THREADS
+
+``differences(run_json)`` says what the current process has that the record does not.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from jaxrepro import jsonio
+
+THREADS_ENV = "JAXREPRO_CPU_THREADS"
+_COUNT_FLAG = "--xla_force_host_platform_device_count"
+_COUNT_RE = re.compile(re.escape(_COUNT_FLAG) + r"=\S*")
+
+
+def _platform(run_json) -> dict:
+    if isinstance(run_json, (str, os.PathLike)):
+        run_json = jsonio.read_json(os.fspath(run_json))
+    if not isinstance(run_json, dict) or not isinstance(run_json.get("platform"), dict):
+        raise ValueError("run.json has no 'platform' record (written by jaxrepro.train.runinfo)")
+    platform = run_json["platform"]
+    missing = [k for k in ("backend", "xla_flags", "local_device_count") if k not in platform]
+    if missing:
+        raise ValueError(f"run.json's platform record lacks {missing}")
+    return platform
+
+
+def with_device_count(xla_flags: str, count: int) -> str:
+    """``xla_flags`` with exactly one ``--xla_force_host_platform_device_count=count``."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"device count must be a positive int, got {count!r}")
+    rest = _COUNT_RE.sub("", xla_flags or "").split()
+    return " ".join([*rest, f"{_COUNT_FLAG}={count}"])
+
+
+def setup_for_replay(run_json) -> dict[str, str]:
+    """Environment variables that recreate a recorded run's process setup.
+
+    Args:
+      run_json: the content of a run's ``run.json`` (a dict) or its path.
+
+    Returns:
+      ``XLA_FLAGS`` (the recorded flags; on CPU with the recorded local device count
+      forced, also when the run set it another way), ``JAX_PLATFORMS`` (the recorded
+      backend) and, when recorded, ``JAXREPRO_CPU_THREADS`` (apply it with
+      :func:`apply_cpu_threads` in the new process before JAX starts its backend).
+      Set them before JAX is imported in the replaying process: they take effect
+      when the backend starts, so a running process cannot adopt them.
+
+    Raises:
+      ValueError: if ``run_json`` has no usable platform record.
+    """
+    platform = _platform(run_json)
+    flags = platform["xla_flags"] or ""
+    if platform["backend"] == "cpu":
+        flags = with_device_count(flags, int(platform["local_device_count"]))
+    env = {"XLA_FLAGS": flags, "JAX_PLATFORMS": str(platform["backend"])}
+    if platform.get("cpu_threads"):
+        env[THREADS_ENV] = str(int(platform["cpu_threads"]))
+    return env
+
+
+def apply_cpu_threads(threads: int | None = None) -> list[int]:
+    """Restricts this process to ``threads`` CPUs (default: ``$JAXREPRO_CPU_THREADS``).
+
+    XLA:CPU sizes its thread pool from the process's CPU affinity when the backend
+    starts, so call this first (or as a subprocess ``preexec_fn``). Returns the CPUs
+    kept. Raises ValueError when fewer CPUs are available than asked for: the
+    recorded setup cannot be recreated here, and the bits may differ.
+    """
+    if threads is None:
+        if THREADS_ENV not in os.environ:
+            raise ValueError(f"no thread count given and ${THREADS_ENV} is not set")
+        threads = int(os.environ[THREADS_ENV])
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"thread count must be a positive int, got {threads!r}")
+    available = sorted(os.sched_getaffinity(0))
+    if len(available) < threads:
+        raise ValueError(
+            f"the run used {threads} CPU threads but only {len(available)} CPUs are available "
+            "here: its process setup cannot be recreated (bits may differ)"
+        )
+    keep = available[:threads]
+    os.sched_setaffinity(0, keep)
+    return keep
+
+
+def apply_env_threads() -> list[int] | None:
+    """``apply_cpu_threads()`` if ``$JAXREPRO_CPU_THREADS`` is set, else nothing (None).
+
+    For entry points: call it before the first JAX computation, so a process started
+    with ``setup_for_replay``'s environment also gets the recorded thread count (no
+    ``preexec_fn`` needed, which is unsafe to fork from a process running JAX threads).
+    """
+    if not os.environ.get(THREADS_ENV):
+        return None
+    return apply_cpu_threads()
+
+
+def current_setup() -> dict[str, str]:
+    """This process's setup in ``setup_for_replay``'s terms (reads the environment only)."""
+    from jaxrepro.train import runinfo
+
+    env = {
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+        "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", ""),
+        THREADS_ENV: str(runinfo.cpu_threads()),
+    }
+    return env
+
+
+def differences(run_json, current: dict[str, str] | None = None) -> list[str]:
+    """What differs between a recorded setup and ``current`` (default: this process).
+
+    An empty list means a replay in this process runs under the recorded setup; else
+    each entry names a setting, e.g. ``"XLA_FLAGS: recorded '...', here '...'"``.
+    """
+    want = setup_for_replay(run_json)
+    have = current_setup() if current is None else current
+    out = []
+    for key, value in want.items():
+        mine = have.get(key, "")
+        if key == "XLA_FLAGS":
+            same = sorted(value.split()) == sorted(mine.split())
+        else:
+            same = value == mine
+        if not same:
+            out.append(f"{key}: recorded {value!r}, here {mine!r}")
+    return out
+
+
+def describe(env: dict[str, str]) -> str:
+    """One line for the log: the setup a replay runs under."""
+    return ", ".join(f"{k}={v!r}" for k, v in sorted(env.items()))
