@@ -253,19 +253,7 @@ class TorchTrainer:
 
 
 def _train_row(phase, step, epoch, m) -> dict:
-    row = {
-        "kind": "train",
-        "step": step,
-        "phase": phase.name,
-        "phase_step": step - phase.start,
-        "epoch": int(epoch),
-    }
-    for k in ("loss", "accuracy", "grad_norm", "update_norm", "param_norm", "lr"):
-        row[k] = float(m[k])
-    row["finite"] = bool(m["finite"])
-    if not m["applied"]:
-        row["skipped"] = True
-    return row
+    return loop.train_row(phase, step, epoch, m)  # the engine's row schema, one definition
 
 
 def _due(every: int, phase_step: int) -> bool:

@@ -105,6 +105,23 @@ def make_phases(config, data: Data, conv_impl: str) -> list[state_lib.Phase]:
     return phases
 
 
+def train_row(phase, step: int, epoch, m) -> dict:
+    """The metrics.jsonl row of train step ``step`` from the step's fetched metrics."""
+    row = {
+        "kind": "train",
+        "step": step,
+        "phase": phase.name,
+        "phase_step": step - phase.start,
+        "epoch": int(epoch),
+    }
+    for k in ("loss", "accuracy", "grad_norm", "update_norm", "param_norm", "lr"):
+        row[k] = float(m[k])
+    row["finite"] = bool(m["finite"])
+    if not m["applied"]:
+        row["skipped"] = True
+    return row
+
+
 class _Sigterm:
     """SIGTERM (SLURM/TPU preemption) asks the loop to checkpoint and exit cleanly."""
 
@@ -576,19 +593,7 @@ class Runner:
         self._last_train = m
         if (step - phase.start) % phase.log_every and not self._is_last(phase, step):
             return
-        row = {
-            "kind": "train",
-            "step": step,
-            "phase": phase.name,
-            "phase_step": step - phase.start,
-            "epoch": int(epoch),
-        }
-        for k in ("loss", "accuracy", "grad_norm", "update_norm", "param_norm", "lr"):
-            row[k] = float(m[k])
-        row["finite"] = bool(m["finite"])
-        if not m["applied"]:
-            row["skipped"] = True
-        self._log_rows([row])
+        self._log_rows([train_row(phase, step, epoch, m)])
 
     @staticmethod
     def _is_last(phase, step):
