@@ -47,6 +47,8 @@ def test_cli_errors_name_the_problem(tmp_path):
         bench.main(["step", "size=16,32", "batch=4", "torch=0", "peak_n=64"], _flags(tmp_path))
     with pytest.raises(JaxreproError, match="init="):
         bench.main(["startup", "init=lazy"], _flags(tmp_path))
+    with pytest.raises(JaxreproError, match="conv_impl/bn_impl"):
+        bench.main(["step", "variants=matmul/flax/fast"], _flags(tmp_path))
     assert not os.path.exists(tmp_path / "step.json")
 
 
@@ -59,7 +61,7 @@ def test_resnet50_flops_match_the_published_count():
 
 def test_bench_step_writes_consistent_json(tmp_path):
     args = ["step", "arch=resnet_tiny", "size=16", "batch=4", "rounds=2", "iters=2", "warmup=1",
-            "peak_n=128", "variants=lax/flax,matmul/flax/cond", "threads=1"]  # fmt: skip
+            "peak_n=128", "variants=matmul/flax/cond", "threads=1"]  # fmt: skip
     assert bench.main(args, _flags(tmp_path)) == 0
     result = json.loads((tmp_path / "step.json").read_text())
     mp = result["matmul_peak"]
@@ -69,7 +71,7 @@ def test_bench_step_writes_consistent_json(tmp_path):
     (row,) = result["shapes"]
     assert (row["image_size"], row["batch"]) == (16, 4)
     assert row["flops_per_image"]["train"] == 3 * row["flops_per_image"]["forward"] > 0
-    for name in ("jax", "jax[lax/flax]", "jax[matmul/flax/cond]", "torch"):
+    for name in ("jax", "jax[matmul/flax/cond]", "torch"):
         r = row[name]
         assert len(r["rounds_s"]) == 2 and all(len(x) == 2 for x in r["rounds_s"])
         times = [t for x in r["rounds_s"] for t in x]
@@ -77,8 +79,8 @@ def test_bench_step_writes_consistent_json(tmp_path):
         assert r["images_per_s"] == pytest.approx(4 / r["step_s_median"])
         want = r["images_per_s"] * row["flops_per_image"]["train"] / peak
         assert r["fraction_of_peak"] == pytest.approx(want)
-    assert row["jax"]["conv_impl"] == "matmul" and row["jax[lax/flax]"]["conv_impl"] == "lax"
-    assert row["jax"]["tail"] == "project" and row["jax[matmul/flax/cond]"]["tail"] == "cond"
+    assert row["jax"]["conv_impl"] == "matmul" and row["jax"]["tail"] == "project"
+    assert row["jax[matmul/flax/cond]"]["tail"] == "cond"
     ratios = [
         statistics.median(t) / statistics.median(j)
         for j, t in zip(row["jax"]["rounds_s"], row["torch"]["rounds_s"], strict=True)

@@ -7,6 +7,8 @@
   of the padded input, concatenated on channels in the kernel's (h, w, i) order) and one
   matmul. XLA:CPU's convolution is slow on the small maps of a CIFAR-sized ResNet
   while its matmuls run through a fast library (FINDINGS.md: ~3x for ResNet-50 32x32).
+  It lives in conv.py: taps that only see padding are left out, and the backward is
+  hand-written (results/bench/NOTES.md).
 
 Padding is always explicit and symmetric: 'SAME' on a stride-2 conv pads only
 bottom/right, which shifts every window by one pixel against PyTorch.
