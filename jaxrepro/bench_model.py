@@ -12,15 +12,124 @@ initialiser of a ResNet-50 costs more than the measurement itself on CPU).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
+import os
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jaxrepro import models, rng
+from jaxrepro.models import layers
+
+# The 'matmul' convolution before its hand-written backward (kept to measure against).
+BEFORE_IMPLS = ("matmul-autodiff",)
+
+
+def conv_matmul_autodiff(x, kernel, stride: int, padding: int):
+    """im2col over all kh*kw taps + einsum, differentiated by JAX (the old 'matmul')."""
+    kh, kw, cin, cout = kernel.shape
+    if padding:
+        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    n, h, w, _ = x.shape
+    out_h, out_w = (h - kh) // stride + 1, (w - kw) // stride + 1
+    cols = []
+    for di in range(kh):
+        for dj in range(kw):
+            limit = (n, di + stride * (out_h - 1) + 1, dj + stride * (out_w - 1) + 1, cin)
+            cols.append(lax.slice(x, (0, di, dj, 0), limit, (1, stride, stride, 1)))
+    cols = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+    return jnp.einsum("nhwk,ko->nhwo", cols, kernel.reshape(kh * kw * cin, cout))
+
+
+@contextlib.contextmanager
+def conv_impl_override(conv_impl: str):
+    """While tracing: 'matmul-autodiff' swaps the old convolution in for 'matmul'.
+
+    Yields the impl name ``models.build`` accepts.
+    """
+    if conv_impl not in BEFORE_IMPLS:
+        yield conv_impl
+        return
+    new = layers.conv_matmul
+    layers.conv_matmul = conv_matmul_autodiff
+    try:
+        yield "matmul"
+    finally:
+        layers.conv_matmul = new
+
+
+# Train-step tails: the project's step.py, and step.py with train/update.py's hook.
+TAILS = ("project", "cond", "cond-no-update-norm")
+
+
+def train_step_proposed(state, batch, aug_root, dropout_root, *, update_norm=True, **static):
+    """``step.train_step`` with its update guarded by ``update.guarded_update``.
+
+    The proposal for train/step.py, measured by ``jaxrepro bench step`` (variant tail
+    'cond'): the same loss, gradients, metrics and non-finite policy, the update under
+    ``lax.cond`` instead of per-leaf selects.
+    """
+    import optax
+
+    from jaxrepro.data import augment as augment_lib
+    from jaxrepro.train import step as step_lib
+    from jaxrepro.train.update import guarded_update
+
+    module, tx, policy = static["module"], static["tx"], static["policy"]
+    del dropout_root
+    images = augment_lib.augment_batch(
+        aug_root, batch["image"], batch["epoch"], batch["id"], static["augment_cfg"]
+    )
+    x = step_lib.normalize(images, static["mean"], static["std"])
+    labels = batch["label"]
+
+    def loss_fn(params):
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        logits, new_vars = module.apply(variables, x, train=True, mutable=["batch_stats"])
+        return step_lib._cross_entropy(logits, labels).mean(), (logits, new_vars["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    apply = finite if policy == "skip" else finite & (state.nonfinite == 0)
+    params, opt_state, unorm = guarded_update(
+        tx, state.params, state.opt_state, grads, apply, update_norm=update_norm
+    )
+    new_state = step_lib.TrainState(
+        step=state.step + 1, params=params, opt_state=opt_state,
+        batch_stats=jax.tree.map(lambda n, o: jnp.where(apply, n, o), batch_stats,
+                                 state.batch_stats),
+        nonfinite=state.nonfinite + (~apply).astype(jnp.int32),
+    )  # fmt: skip
+    metrics = {
+        "loss": loss, "grad_norm": grad_norm, "update_norm": unorm,
+        "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
+        "param_norm": optax.tree.norm(params),
+        "lr": static["lr_fn"](state.step - static["phase_start"]),
+        "finite": finite, "applied": apply,
+        "input_mean": jnp.mean(x, axis=(0, 1, 2)), "input_std": jnp.std(x, axis=(0, 1, 2)),
+    }  # fmt: skip
+    return new_state, metrics
+
+
+def make_train_step_for(tail: str, **static):
+    """The jitted train step of ``tail`` (see ``TAILS``), state donated like step.py's."""
+    import functools
+
+    from jaxrepro.train.step import make_train_step
+
+    if tail == "project":
+        return make_train_step(**static)
+    if tail not in TAILS:
+        raise ValueError(f"unknown train-step tail {tail!r}; valid: {', '.join(TAILS)}")
+    fn = functools.partial(train_step_proposed, update_norm=tail == "cond", **static)
+    return jax.jit(fn, donate_argnums=(0,))
 
 
 def synthetic_variables(model, image_size: int, seed: int = 0) -> dict:
@@ -81,14 +190,17 @@ def time_grad_step(
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
-    model = models.build(name, num_classes, **build_kwargs)
+    conv_impl = build_kwargs.pop("conv_impl", "lax")
+    with conv_impl_override(conv_impl) as impl:
+        model = models.build(name, num_classes, conv_impl=impl, **build_kwargs)
     variables = synthetic_variables(model, image_size)
     r = np.random.default_rng(1)
     images = jnp.asarray(r.standard_normal((batch, image_size, image_size, 3)), jnp.float32)
     labels = jnp.asarray(r.integers(0, num_classes, batch), jnp.int32)
     step = make_grad_step(model)
     start = time.perf_counter()
-    jax.block_until_ready(step(variables, images, labels))
+    with conv_impl_override(conv_impl):  # traced by the first call
+        jax.block_until_ready(step(variables, images, labels))
     compile_s = time.perf_counter() - start
     times = []
     for _ in range(iters):
@@ -96,10 +208,87 @@ def time_grad_step(
         jax.block_until_ready(step(variables, images, labels))
         times.append(time.perf_counter() - start)
     return {
-        "model": name, "image_size": image_size, "batch": batch, **build_kwargs,
+        "model": name, "image_size": image_size, "batch": batch, "conv_impl": conv_impl,
+        **build_kwargs,
         "compile_s": compile_s, "step_s": times, "median_step_s": statistics.median(times),
         "images_per_s": batch / statistics.median(times),
     }  # fmt: skip
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5, cores: int | None = None) -> dict:
+    """Best fp32 GFLOP/s of an n x n x n matmul in numpy (BLAS) and in jax (XLA:CPU).
+
+    Two estimates each: from the best wall time, and per core from the best process CPU
+    time (work done, so other processes' load does not lower it). ``peak_gflops`` is the
+    largest of the wall rates and ``cores`` x the best per-core CPU-time rate.
+    """
+    r = np.random.default_rng(0)
+    a = r.standard_normal((n, n), dtype=np.float32)
+    b = r.standard_normal((n, n), dtype=np.float32)
+    flops = 2.0 * n**3
+
+    def best(fn):
+        fn()  # warm-up (and compile)
+        walls, cpus = [], []
+        for _ in range(repeats):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fn()
+            walls.append(time.perf_counter() - start)
+            cpus.append(time.process_time() - start_cpu)
+        return flops / min(walls) / 1e9, flops / max(min(cpus), 1e-9) / 1e9
+
+    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    dot = jax.jit(jnp.dot)
+    out = {"n": n, "cores": cores or len(os.sched_getaffinity(0))}
+    out["numpy_gflops"], out["numpy_gflops_per_core_cpu"] = best(lambda: a @ b)
+    out["jax_gflops"], out["jax_gflops_per_core_cpu"] = best(
+        lambda: dot(ja, jb).block_until_ready()
+    )
+    per_core = max(out["numpy_gflops_per_core_cpu"], out["jax_gflops_per_core_cpu"])
+    out["peak_gflops"] = max(out["numpy_gflops"], out["jax_gflops"], per_core * out["cores"])
+    return out
+
+
+def model_flops(arch: str, image_size: int, num_classes: int = 10) -> dict:
+    """Forward and training FLOPs per image (2 x MACs of convs and dense layers).
+
+    Counted from the jaxpr of the model built with ``lax`` convolutions at batch 1, so
+    implementation details (im2col zeros, skipped padding taps) never change the count.
+    """
+    model = models.build(arch, num_classes, conv_impl="lax")
+    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    variables = jax.eval_shape(lambda k: model.init(k, x), rng.factor_root("init", 0))
+    jaxpr = jax.make_jaxpr(lambda v: model.apply(v, x, train=False))(variables)
+    forward = _jaxpr_flops(jaxpr.jaxpr)
+    return {"forward": forward, "train": 3 * forward}
+
+
+def _jaxpr_flops(jaxpr) -> int:
+    total = 0
+    for eqn in jaxpr.eqns:
+        for sub in _subjaxprs(eqn):
+            total += _jaxpr_flops(sub)
+        name = eqn.primitive.name
+        if name == "conv_general_dilated":
+            lhs, rhs = (v.aval for v in eqn.invars)
+            out = eqn.outvars[0].aval
+            spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, spatial...)
+            k_in = rhs.shape[spec[1]] * math.prod(rhs.shape[d] for d in spec[2:])
+            total += 2 * math.prod(out.shape) * k_in
+        elif name == "dot_general":
+            lhs = eqn.invars[0].aval
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            out = eqn.outvars[0].aval
+            total += 2 * math.prod(out.shape) * math.prod(lhs.shape[d] for d in contract)
+    return total
+
+
+def _subjaxprs(eqn):
+    for value in eqn.params.values():
+        if isinstance(value, jax.extend.core.ClosedJaxpr):
+            yield value.jaxpr
+        elif isinstance(value, jax.extend.core.Jaxpr):
+            yield value
 
 
 def main(argv=None) -> None:
@@ -110,7 +299,9 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--stem", default="imagenet", choices=models.STEMS)
-    p.add_argument("--conv_impl", nargs="+", default=["lax"], choices=models.CONV_IMPLS)
+    p.add_argument(
+        "--conv_impl", nargs="+", default=["lax"], choices=models.CONV_IMPLS + BEFORE_IMPLS
+    )
     p.add_argument("--bn_impl", nargs="+", default=["flax"], choices=models.BN_IMPLS)
     args = p.parse_args(argv)
     for conv_impl in args.conv_impl:

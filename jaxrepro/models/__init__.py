@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrepro.models.batchnorm import BN_IMPLS, BatchNorm
+from jaxrepro.models.init import init_variables
 from jaxrepro.models.layers import CONV_IMPLS, Conv, Head
 from jaxrepro.models.pooling import MAXPOOL_IMPLS, max_pool_deterministic, max_pool_lax
 from jaxrepro.models.resnet import STEMS, BasicBlock, Bottleneck, ResNet
@@ -36,7 +37,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 __all__ = [
     "BN_IMPLS", "CONV_IMPLS", "DTYPES", "MAXPOOL_IMPLS", "MODEL_NAMES", "STEMS",
     "BasicBlock", "BatchNorm", "Bottleneck", "Conv", "Head", "ResNet",
-    "build", "count_params", "feature_dim", "init_head",
+    "build", "count_params", "feature_dim", "init_head", "init_variables",
     "max_pool_deterministic", "max_pool_lax",
 ]  # fmt: skip
 

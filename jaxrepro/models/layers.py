@@ -7,6 +7,8 @@
   of the padded input, concatenated on channels in the kernel's (h, w, i) order) and one
   matmul. XLA:CPU's convolution is slow on the small maps of a CIFAR-sized ResNet
   while its matmuls run through a fast library (FINDINGS.md: ~3x for ResNet-50 32x32).
+  It lives in conv.py: taps that only see padding are left out, and the backward is
+  hand-written (results/bench/NOTES.md).
 
 Padding is always explicit and symmetric: 'SAME' on a stride-2 conv pads only
 bottom/right, which shifts every window by one pixel against PyTorch.
@@ -21,11 +23,22 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxrepro.models import init as init_lib
+from jaxrepro.models.conv import conv_matmul
+
 CONV_IMPLS = ("lax", "matmul")
 
 # torch.nn.init.kaiming_normal_(mode='fan_out', nonlinearity='relu'): N(0, 2 / fan_out),
 # fan_out = out_channels * kh * kw (HWIO: out axis -1, receptive field = H * W).
-conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+_he_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def conv_kernel_init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+    """He-normal (fan_out) for HWIO kernels; recordable by ``models.init_variables``."""
+    fan_out = shape[-1] * (math.prod(shape) / (shape[-2] * shape[-1]))  # as jax computes it
+    return init_lib.normal_or_record(
+        key, shape, dtype, 2.0 / fan_out, lambda: _he_normal_fan_out(key, shape, dtype)
+    )
 
 
 def torch_linear_init(key: jax.Array, shape, dtype=jnp.float32, *, fan_in: int) -> jax.Array:
@@ -34,7 +47,10 @@ def torch_linear_init(key: jax.Array, shape, dtype=jnp.float32, *, fan_in: int) 
     Holds for the weight (kaiming_uniform with a=sqrt(5)) and for the bias alike.
     """
     bound = 1.0 / math.sqrt(fan_in)
-    return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
+    return init_lib.uniform_or_record(
+        key, shape, dtype, -bound, bound,
+        lambda: jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound),
+    )  # fmt: skip
 
 
 def conv_lax(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
@@ -46,28 +62,6 @@ def conv_lax(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.
         padding=((padding, padding), (padding, padding)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )
-
-
-def _patches(x: jax.Array, kh: int, kw: int, stride: int, out_h: int, out_w: int):
-    """im2col by slicing: (N, Ho, Wo, kh*kw*C), channel order (h, w, c) like HWIO."""
-    n, _, _, c = x.shape
-    cols = []
-    for di in range(kh):
-        for dj in range(kw):
-            limit = (n, di + stride * (out_h - 1) + 1, dj + stride * (out_w - 1) + 1, c)
-            cols.append(lax.slice(x, (0, di, dj, 0), limit, (1, stride, stride, 1)))
-    return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
-
-
-def conv_matmul(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
-    """The same convolution as ``conv_lax``, as patch extraction plus one matmul."""
-    kh, kw, cin, cout = kernel.shape
-    if padding:
-        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    _, h, w, _ = x.shape
-    out_h, out_w = (h - kh) // stride + 1, (w - kw) // stride + 1
-    cols = _patches(x, kh, kw, stride, out_h, out_w)
-    return jnp.einsum("nhwk,ko->nhwo", cols, kernel.reshape(kh * kw * cin, cout))
 
 
 def conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, impl: str) -> jax.Array:

@@ -1,0 +1,473 @@
+r"""``jaxrepro bench``: the JAX train step against PyTorch, and the costs around it.
+
+    jaxrepro bench step    [size=32,224 batch=32,8 rounds=5 iters=3 cores=0 variants=...]
+    jaxrepro bench startup [config=configs/digits.py init=both runs=2]  (time to first step)
+    jaxrepro bench e2e     [config=configs/digits.py steps=60 rounds=2]  (run vs bare step)
+    jaxrepro bench memory  [configs=configs/digits.py:smoke,configs/digits.py]
+    jaxrepro bench all
+
+Options are ``key=value`` words after the sub-command (absl owns ``--flags``); ``--out``
+is the output directory (default ``results/bench``). Each sub-command writes one JSON
+file there (``step.json``, ``startup.json``, ``e2e.json``, ``memory.json``; ``step
+cores=1`` writes ``step_cores1.json``). results/bench/NOTES.md reads them.
+
+How ``step`` measures (the machine may be shared, so nothing is timed alone):
+
+* JAX: the project's own jitted ``train_step`` (``make_train_step``: Adam, BatchNorm
+  statistics, the non-finite guard and the metrics), on a batch already on the device,
+  augmentation off (PyTorch gets a ready float batch too). ``variants=conv/bn[/tail]``
+  adds JAX steps timed in the same rounds: another conv/bn impl, the convolution before
+  its hand-written backward (``matmul-autodiff``), or step.py with the update hook of
+  train/update.py (tail ``cond`` or ``cond-no-update-norm``).
+* PyTorch: ``jaxrepro.compare.torch_resnet`` (the same architecture), ``torch.optim.Adam``
+  with the same hyperparameters, ``torch.set_num_threads(threads)``; XLA's CPU thread
+  pool is left as it is (one thread per core), and ``threads`` defaults to the cores.
+  ``cores=N`` runs everything in a child pinned to N cores.
+* Both in one process, alternated: each round runs ``iters`` JAX steps, then ``iters``
+  PyTorch steps. Reported: the median step time, its spread, process CPU time per step,
+  and the median over rounds of the per-round ratio (rounds see similar load, so the
+  ratio is steadier than either).
+* FLOPs per image: 2 x multiply-adds of every convolution and dense layer of the
+  forward pass (counted once from the jaxpr of the model with ``lax`` convolutions at
+  batch 1; batch-norm, pooling and the optimizer are not counted), and 3x that for a
+  training step (forward + the two backward matmuls). The fraction of peak divides
+  ``images/s x train FLOPs`` by the machine's fp32 matmul peak as measured here
+  (``bench_model.matmul_peak``).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+
+from jaxrepro.bench_model import TAILS, matmul_peak, model_flops
+
+DEFAULT_OUT = "results/bench"
+
+STEP_DEFAULTS = {
+    "arch": "resnet50",
+    "size": "32,224",
+    "batch": "32,8",
+    "rounds": 5,
+    "iters": 3,
+    "warmup": 1,
+    "threads": 0,  # 0: one per core (what XLA uses)
+    "classes": 10,
+    "conv_impl": "auto",
+    "bn_impl": "",  # '': the config default
+    "variants": "",  # extra JAX variants timed in the same rounds, e.g. lax/flax,matmul/fused
+    "torch": 1,
+    "peak_n": 2048,
+    "cores": 0,  # >0: measure in a child process pinned to this many cores (step_coresN.json)
+}
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def parse_options(words: list[str], defaults: dict) -> dict:
+    """``key=value`` words -> a dict typed like ``defaults``.
+
+    Raises:
+      ValueError: for a word without '=', an unknown key or a value of the wrong type.
+    """
+    opts = dict(defaults)
+    for word in words:
+        if "=" not in word:
+            raise ValueError(f"bench option {word!r} is not of the form key=value")
+        key, value = word.split("=", 1)
+        if key not in defaults:
+            raise ValueError(f"unknown bench option {key!r}; known: {', '.join(sorted(defaults))}")
+        kind = type(defaults[key])
+        try:
+            opts[key] = kind(value)
+        except ValueError as e:
+            raise ValueError(f"bench option {key}={value!r}: expected {kind.__name__}") from e
+    return opts
+
+
+def int_list(text: str, name: str) -> list[int]:
+    """'32,224' -> [32, 224]; each must be a positive int."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise ValueError(f"bench option {name}={text!r}: expected comma-separated ints") from e
+    if not values or min(values) < 1:
+        raise ValueError(f"bench option {name}={text!r}: expected positive ints")
+    return values
+
+
+def cpu_threads() -> int:
+    """Cores this process may run on (what XLA:CPU sizes its thread pool by)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def machine_info() -> dict:
+    """Where the numbers come from; the load average says how shared the machine was."""
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        model = names[0] if names else model
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "cores": cpu_threads(),
+        "machine": platform.machine(),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def versions() -> dict:
+    import importlib.metadata
+
+    out = {}
+    for lib in ("jax", "jaxlib", "flax", "optax", "torch", "numpy"):
+        try:
+            out[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            out[lib] = None
+    return out
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def summarize(times: list[float], batch: int) -> dict:
+    """Median, spread and images/s of per-step wall times (seconds)."""
+    q = np.percentile(times, [25, 75])
+    med = statistics.median(times)
+    return {
+        "images_per_s": batch / med,
+        "step_s_median": med,
+        "step_s_min": min(times),
+        "step_s_max": max(times),
+        "step_s_iqr": float(q[1] - q[0]),
+        "steps_timed": len(times),
+    }
+
+
+def alternate(runners: dict, rounds: int, iters: int, cpu: dict | None = None) -> dict:
+    """Runs each runner ``iters`` times per round, in turn, for ``rounds`` rounds.
+
+    Returns per-runner lists (one per round) of step wall times in seconds; ``cpu``, if
+    given, receives the process CPU times the same way (robust to other processes'
+    load, but it counts spinning threads too). Each runner must block until done.
+    """
+    if rounds < 1 or iters < 1:
+        raise ValueError(f"rounds and iters must be >= 1, got {rounds}, {iters}")
+    times = {name: [] for name in runners}
+    cpu = {} if cpu is None else cpu
+    for name in runners:
+        cpu[name] = []
+    for _ in range(rounds):
+        for name, run in runners.items():
+            walls, cpus = [], []
+            for _ in range(iters):
+                start, start_cpu = time.perf_counter(), time.process_time()
+                run()
+                walls.append(time.perf_counter() - start)
+                cpus.append(time.process_time() - start_cpu)
+            times[name].append(walls)
+            cpu[name].append(cpus)
+    return times
+
+
+def round_ratios(a: list[list[float]], b: list[list[float]]) -> list[float]:
+    """Per round: median time of ``b`` / median time of ``a`` (= a's speed over b's)."""
+    return [statistics.median(tb) / statistics.median(ta) for ta, tb in zip(a, b, strict=True)]
+
+
+# ----------------------------------------------------------------------------- runners
+
+
+def jax_step_runner(
+    arch, image_size, batch, num_classes, conv_impl="auto", bn_impl="", tail="project"
+):
+    """The project's jitted train step on a device-resident batch.
+
+    Returns ``(run, info)``: ``run()`` does one step and blocks until it is done;
+    ``info`` has the resolved impls and the compile time.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from jaxrepro import config as config_lib
+    from jaxrepro import models, rng
+    from jaxrepro.bench_model import conv_impl_override, make_train_step_for, synthetic_variables
+    from jaxrepro.train import optimizer as optimizer_lib
+    from jaxrepro.train.step import TrainState
+
+    config = config_lib.base()
+    config.model.name = arch
+    if bn_impl:
+        config.model.bn_impl = bn_impl
+    for op in ("crop", "flip", "brightness", "contrast"):
+        config.data.augment[op].enabled = False
+    if conv_impl == "auto":
+        conv_impl = "matmul" if jax.default_backend() == "cpu" else "lax"
+    m = config.model
+    with conv_impl_override(conv_impl) as build_impl:
+        module = models.build(arch, num_classes, stem=m.stem, conv_impl=build_impl,
+                              maxpool_impl=m.maxpool_impl, bn_impl=m.bn_impl)  # fmt: skip
+    variables = synthetic_variables(module, image_size)
+    tx = optimizer_lib.build(config, "pretrain", 1000)
+    state = TrainState(
+        step=jnp.asarray(0, jnp.int32), params=variables["params"],
+        batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
+        nonfinite=jnp.asarray(0, jnp.int32),
+    )  # fmt: skip
+    step = make_train_step_for(
+        tail,
+        module=module, tx=tx, lr_fn=optimizer_lib.schedule(config, "pretrain", 1000),
+        phase_start=0, augment_cfg=config.data.augment, mean=(0.5,) * 3, std=(0.25,) * 3,
+        policy=config.train.nonfinite_policy,
+    )  # fmt: skip
+    r = np.random.default_rng(0)
+    batch = jax.device_put({
+        "image": r.integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8),
+        "label": r.integers(0, num_classes, batch).astype(np.int32),
+        "id": np.arange(batch, dtype=np.int32),
+        "epoch": np.zeros(batch, np.int32),
+    })  # fmt: skip
+    keys = (rng.factor_root("aug", 0), rng.factor_root("dropout", 0))
+    start = time.perf_counter()
+    with conv_impl_override(conv_impl):  # the trace happens in lower()
+        lowered = step.lower(state, batch, *keys)
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    holder = [state]
+
+    def run():
+        new_state, metrics = compiled(holder[0], batch, *keys)
+        jax.block_until_ready(metrics["loss"])
+        holder[0] = new_state
+
+    info = {"conv_impl": conv_impl, "bn_impl": m.bn_impl, "maxpool_impl": m.maxpool_impl,
+            "tail": tail, "compile_s": compile_s}  # fmt: skip
+    return run, info
+
+
+def torch_step_runner(arch, image_size, batch, num_classes, threads):
+    """A PyTorch Adam step of the same architecture; ``run()`` does one step."""
+    import torch
+
+    from jaxrepro import config as config_lib
+    from jaxrepro.compare import torch_resnet
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    opt_cfg = config_lib.base().optimizer
+    model = torch_resnet.build(arch, num_classes)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=opt_cfg.lr, betas=(opt_cfg.b1, opt_cfg.b2),
+                           eps=opt_cfg.eps)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, image_size, image_size, generator=g)
+    y = torch.randint(0, num_classes, (batch,), generator=g)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+
+    return run, {"threads": torch.get_num_threads(), "layout": "NCHW (contiguous)"}
+
+
+# ----------------------------------------------------------------------------- step
+
+
+def _variants(opts) -> list[tuple[str, str, str]]:
+    """(conv_impl, bn_impl, tail) of the main JAX step, then of each extra variant."""
+    out = [(opts["conv_impl"], opts["bn_impl"], "project")]
+    for word in filter(None, opts["variants"].split(",")):
+        parts = word.split("/")
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in TAILS):
+            raise ValueError(
+                f"bench variant {word!r} must be conv_impl/bn_impl[/tail], e.g. lax/flax or "
+                f"matmul/flax/cond (tails: {', '.join(TAILS)})"
+            )
+        out.append((parts[0], parts[1], parts[2] if len(parts) == 3 else "project"))
+    return out
+
+
+def bench_shape(opts, image_size, batch, peak_gflops) -> dict:
+    """One (image size, batch) row of step.json."""
+    flops = model_flops(opts["arch"], image_size, opts["classes"])
+    runners, infos = {}, {}
+    for i, (conv_impl, bn_impl, tail) in enumerate(_variants(opts)):
+        name = "jax"
+        if i:
+            name = f"jax[{conv_impl}/{bn_impl}" + ("]" if tail == "project" else f"/{tail}]")
+        runners[name], infos[name] = jax_step_runner(
+            opts["arch"], image_size, batch, opts["classes"], conv_impl, bn_impl, tail
+        )
+    if opts["torch"]:
+        threads = opts["threads"] or cpu_threads()
+        runners["torch"], infos["torch"] = torch_step_runner(
+            opts["arch"], image_size, batch, opts["classes"], threads
+        )
+    alternate(runners, 1, opts["warmup"])  # first steps: allocation, caches, oneDNN plans
+    cpu = {}
+    times = alternate(runners, opts["rounds"], opts["iters"], cpu)
+    row = {"image_size": image_size, "batch": batch, "flops_per_image": flops}
+    for name, per_round in times.items():
+        flat = [t for r in per_round for t in r]
+        s = summarize(flat, batch)
+        s["fraction_of_peak"] = s["images_per_s"] * flops["train"] / (peak_gflops * 1e9)
+        s["rounds_s"] = per_round
+        s["cpu_s_median"] = statistics.median(t for r in cpu[name] for t in r)
+        s["images_per_cpu_s"] = batch / s["cpu_s_median"]
+        row[name] = {**infos[name], **s}
+    if "torch" in times:
+        ratios = round_ratios(times["jax"], times["torch"])  # torch time / jax time
+        row["ratio_jax_over_torch"] = statistics.median(ratios)
+        row["ratio_per_round"] = ratios
+        row["ratio_of_medians"] = row["jax"]["images_per_s"] / row["torch"]["images_per_s"]
+    return row
+
+
+def bench_step(opts: dict) -> dict:
+    """The whole step.json: machine, peak, and one row per (image size, batch)."""
+    if opts["cores"] > 0:
+        return _pinned_child(opts)
+    sizes, batches = int_list(opts["size"], "size"), int_list(opts["batch"], "batch")
+    if len(sizes) != len(batches):
+        raise ValueError(f"size and batch need the same length, got {sizes} and {batches}")
+    machine = machine_info()
+    peak = matmul_peak(opts["peak_n"])
+    rows = [
+        bench_shape(opts, s, b, peak["peak_gflops"]) for s, b in zip(sizes, batches, strict=True)
+    ]
+    machine["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    return {
+        "kind": "step", "options": opts, "machine": machine, "versions": versions(),
+        "matmul_peak": peak, "shapes": rows, "flops_definition": FLOPS_DEFINITION,
+    }  # fmt: skip
+
+
+def _pinned_child(opts: dict) -> dict:
+    """Runs ``bench_step`` in a fresh process pinned to the first ``cores`` cores.
+
+    XLA sizes its thread pool by the cores a process may use, and ``threads`` follows
+    them, so both frameworks get the same cores. On a shared machine this also keeps
+    PyTorch's OpenMP barriers from spinning against other processes' threads.
+    """
+    import json
+    import subprocess
+    import sys
+
+    available = sorted(os.sched_getaffinity(0))
+    if opts["cores"] > len(available):
+        raise ValueError(f"bench option cores={opts['cores']}: only {len(available)} available")
+    cores = available[: opts["cores"]]
+    child_opts = dict(opts, cores=0, threads=opts["threads"] or len(cores))
+    code = (
+        f"import os; os.sched_setaffinity(0, {set(cores)!r}); import json; "
+        f"from jaxrepro import bench; "
+        f"print(json.dumps(bench.bench_step({child_opts!r})))"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS=str(len(cores)),
+               OPENBLAS_NUM_THREADS=str(len(cores)))  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"pinned bench child failed: {proc.stderr[-2000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["options"] = opts
+    result["pinned_cores"] = cores
+    return result
+
+
+FLOPS_DEFINITION = (
+    "2 x multiply-adds of every convolution and dense layer in the forward pass, counted "
+    "from the jaxpr of the model with lax convolutions at batch 1 (batch-norm, pooling, "
+    "loss and optimizer not counted); a training step counts 3x the forward."
+)
+
+
+def _print_step(result: dict) -> None:
+    for row in result["shapes"]:
+        line = f"{row['image_size']}x{row['image_size']} batch {row['batch']}:"
+        for name in (k for k in row if k == "torch" or k.startswith("jax")):
+            if isinstance(row[name], dict):
+                line += f"  {name} {row[name]['images_per_s']:.2f} img/s"
+        if "ratio_jax_over_torch" in row:
+            line += f"  ratio {row['ratio_jax_over_torch']:.2f}"
+        print(line)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(args: list[str], FLAGS) -> int:  # noqa: N803 - absl's name
+    """Runs ``jaxrepro bench SUB [key=value ...]``; returns the exit status."""
+    from jaxrepro import jsonio
+    from jaxrepro.errors import JaxreproError
+
+    if not args:
+        raise JaxreproError("bench needs a sub-command: step | startup | e2e | memory | all")
+    sub, words = args[0], args[1:]
+    out = getattr(FLAGS, "out", None) or DEFAULT_OUT
+    try:
+        jobs = _jobs(sub, words)
+    except ValueError as e:
+        raise JaxreproError(str(e)) from e
+    os.makedirs(out, exist_ok=True)
+    for name, fn in jobs:
+        try:
+            result = fn()
+        except ValueError as e:
+            raise JaxreproError(str(e)) from e
+        cores = result.get("options", {}).get("cores", 0)
+        path = os.path.join(out, f"{name}_cores{cores}.json" if cores else f"{name}.json")
+        jsonio.write_json(path, result)
+        if name == "step":
+            _print_step(result)
+        print(f"wrote {path}")
+    return 0
+
+
+def _jobs(sub: str, words: list[str]):
+    from jaxrepro import bench_runs
+
+    subs = {
+        "step": lambda: bench_step(parse_options(words, STEP_DEFAULTS)),
+        "startup": lambda: bench_runs.bench_startup(
+            parse_options(words, bench_runs.STARTUP_DEFAULTS)
+        ),
+        "e2e": lambda: bench_runs.bench_e2e(parse_options(words, bench_runs.E2E_DEFAULTS)),
+        "memory": lambda: bench_runs.bench_memory(parse_options(words, bench_runs.MEMORY_DEFAULTS)),
+    }
+    if sub == "all":
+        if words:
+            raise ValueError("bench all takes no options (run the sub-commands to set them)")
+        return list(subs.items())
+    if sub not in subs:
+        raise ValueError(f"unknown bench sub-command {sub!r}; known: {', '.join(subs)}, all")
+    # Parse now, so a typo fails before minutes of measuring.
+    job = subs[sub]
+    _validate_words(sub, words)
+    return [(sub, job)]
+
+
+def _validate_words(sub: str, words: list[str]) -> None:
+    from jaxrepro import bench_runs
+
+    defaults = {
+        "step": STEP_DEFAULTS,
+        "startup": bench_runs.STARTUP_DEFAULTS,
+        "e2e": bench_runs.E2E_DEFAULTS,
+        "memory": bench_runs.MEMORY_DEFAULTS,
+    }[sub]
+    opts = parse_options(words, defaults)
+    if sub == "step":
+        _variants(opts)

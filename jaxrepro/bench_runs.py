@@ -1,0 +1,429 @@
+"""Run-level benchmarks behind ``jaxrepro bench startup | e2e | memory`` (see bench.py).
+
+* ``startup``: process start -> first train step done, in fresh processes: with an empty
+  persistent compilation cache (cold), then again with the same cache (warm: a second
+  run of the same config, as in a seed study). A breakdown (imports, data, init, eval,
+  checkpoint, step compile, first step) and jax's compile / cache-hit counts come back
+  from the child. ``init=module|fast|both`` picks the initialiser the child uses:
+  the loop's own (``jax.jit(module.init)``) or ``models.init_variables``.
+* ``e2e``: steady-state train steps/s of real runs (``loop.run``: host data pipeline,
+  metrics rows, drop-off detector, checkpoints at the config's cadence) against the
+  same compiled step called back to back on a device-resident batch; the same run with
+  ``checkpoint.every=0``; and ``replay.replay`` of k steps against the original k steps.
+  Rounds alternate the variants.
+* ``memory``: peak resident memory (``ru_maxrss`` of the child, from ``wait4``) of whole
+  ``jaxrepro train`` runs.
+
+Everything here runs whole programs, so it is slow: tests use the smoke config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+STARTUP_DEFAULTS = {
+    "config": "configs/digits.py",
+    "set": "",  # extra config overrides, 'a.b=1;c.d=x'
+    "init": "both",  # module | fast | both
+    "runs": 2,  # cold, then warm runs with the same cache
+    "data_dir": "",
+    # <0: the CLI's own jax_persistent_cache_min_compile_time_secs; >=0: this value instead
+    "cache_min_compile_s": -1.0,
+}
+E2E_DEFAULTS = {
+    "config": "configs/digits.py",
+    "set": "",
+    "steps": 60,  # pretrain steps of each run (no fine-tune phase)
+    "warmup": 3,  # leading steps left out of the steady-state window
+    "rounds": 2,
+    "replay_from": 0,  # 0: the last checkpoint before the end
+    "data_dir": "",
+}
+MEMORY_DEFAULTS = {"configs": "configs/digits.py:smoke,configs/digits.py", "data_dir": ""}
+INIT_CHOICES = ("module", "fast", "both")
+
+
+def load_config(path_arg: str, overrides: str, data_dir: str):
+    """configs/x.py[:variant] with 'a.b=v;...' overrides and an optional data dir."""
+    from jaxrepro import config as config_lib
+
+    config = config_lib.load_config_file(path_arg)
+    for item in filter(None, (s.strip() for s in overrides.split(";"))):
+        if "=" not in item:
+            raise ValueError(f"bench option set: {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        config_lib.apply_override(config, key.strip(), value.strip())
+    if data_dir:
+        config.data.data_dir = data_dir
+    config.runtime.progress_every_s = 1e9  # no progress lines in measurements
+    return config
+
+
+# ----------------------------------------------------------------------------- startup
+
+
+def bench_startup(opts: dict) -> dict:
+    """Cold and warm time-to-first-step of the config, per initialiser."""
+    if opts["init"] not in INIT_CHOICES:
+        raise ValueError(f"bench option init={opts['init']!r}; valid: {', '.join(INIT_CHOICES)}")
+    if opts["runs"] < 1:
+        raise ValueError(f"bench option runs must be >= 1, got {opts['runs']}")
+    inits = ("module", "fast") if opts["init"] == "both" else (opts["init"],)
+    out = {"kind": "startup", "options": opts, "results": {}}
+    with tempfile.TemporaryDirectory(prefix="jaxrepro-startup-") as tmp:
+        for init in inits:
+            cache = os.path.join(tmp, f"cache-{init}")
+            runs = []
+            for i in range(opts["runs"]):
+                workdir = os.path.join(tmp, f"run-{init}-{i}")
+                runs.append(_startup_child(opts, init, cache, workdir))
+                runs[-1]["cache"] = "cold" if i == 0 else "warm"
+            out["results"][init] = runs
+    return out
+
+
+def _startup_child(opts: dict, init: str, cache: str, workdir: str) -> dict:
+    args = json.dumps({**opts, "init": init, "cache": cache, "workdir": workdir})
+    code = f"from jaxrepro import bench_runs; bench_runs.startup_child({args!r})"
+    env = dict(os.environ, JAXREPRO_COMPILE_CACHE_DIR=cache, JAXREPRO_COMPILE_CACHE="1")
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"startup child failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    marks = result.pop("marks")
+    result["time_to_first_step_s"] = marks["first_step_done"] - start
+    result["python_start_s"] = marks["python"] - start
+    result["process_exit_s"] = time.time() - start
+    return result
+
+
+class _Timer:
+    """Accumulates wall time of wrapped callables by name (the bench child's probes)."""
+
+    def __init__(self):
+        self.seconds, self.calls = {}, {}
+
+    def wrap(self, owner, attr: str, name: str | None = None):
+        fn = getattr(owner, attr)
+        name = name or attr
+
+        def timed(*a, **kw):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+                self.calls[name] = self.calls.get(name, 0) + 1
+
+        setattr(owner, attr, timed)
+
+
+def _compile_listener(stats: dict):
+    import jax
+
+    def on_duration(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            stats["backend_compiles"] += 1
+            stats["backend_compile_s"] += duration
+        elif event == "/jax/compilation_cache/compile_time_saved_sec":
+            stats["compile_time_saved_s"] += duration
+
+    def on_event(event, **kw):
+        if event == "/jax/compilation_cache/cache_hits":
+            stats["cache_hits"] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    jax.monitoring.register_event_listener(on_event)
+
+
+def startup_child(args_json: str) -> None:
+    """In a fresh process: one run of the config, stopped after its first train step."""
+    marks = {"python": time.time()}
+    a = json.loads(args_json)
+    import jax
+
+    from jaxrepro import models
+    from jaxrepro.__main__ import setup_compile_cache
+    from jaxrepro.train import loop
+    from jaxrepro.train import state as state_lib
+
+    marks["imports"] = time.time()
+    setup_compile_cache()
+    if a["cache_min_compile_s"] >= 0:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", a["cache_min_compile_s"])
+    stats = dict.fromkeys(("backend_compiles", "cache_hits"), 0)
+    stats.update(backend_compile_s=0.0, compile_time_saved_s=0.0)
+    _compile_listener(stats)
+    timer = _Timer()
+    if a["init"] == "fast":  # the hook proposed for train/state.py
+        state_lib.init_variables = models.init_variables
+    timer.wrap(state_lib, "init_variables", "init")
+    timer.wrap(loop, "load_data", "data")
+    timer.wrap(loop.Runner, "evaluate", "eval")
+    timer.wrap(loop.Runner, "_save", "checkpoint")
+    timer.wrap(loop.Runner, "train_fn", "step_trace_compile")
+    config = load_config(a["config"], a["set"], a["data_dir"])
+    loop.run(config, a["workdir"], stop_after=1)
+    marks["first_step_done"] = time.time()
+    result = {
+        "init": a["init"], "marks": marks, "seconds": timer.seconds, "calls": timer.calls,
+        "cache_min_compile_s": jax.config.jax_persistent_cache_min_compile_time_secs,
+        "imports_s": marks["imports"] - marks["python"], "compiles": stats,
+        "backend": jax.default_backend(),
+    }  # fmt: skip
+    print(json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------- e2e
+
+
+class _StepClock:
+    """Records when each train step is dispatched (wraps Runner.train_fn's result)."""
+
+    def __init__(self, loop_mod):
+        self.entries: list[float] = []
+        self.cpu: list[float] = []  # process CPU time at each dispatch
+        self.evals: list[tuple[float, float]] = []
+        self.eval_cpu: list[tuple[float, float]] = []
+        self._loop = loop_mod
+
+    @contextlib.contextmanager
+    def installed(self):
+        runner_cls = self._loop.Runner
+        orig_train_fn, orig_eval = runner_cls.train_fn, runner_cls.evaluate
+        clock = self
+
+        def train_fn(runner, phase, state, batch):
+            fn = orig_train_fn(runner, phase, state, batch)
+
+            def stamped(*a):
+                clock.entries.append(time.perf_counter())
+                clock.cpu.append(time.process_time())
+                return fn(*a)
+
+            return stamped
+
+        def evaluate(runner, *a, **kw):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            try:
+                return orig_eval(runner, *a, **kw)
+            finally:
+                clock.evals.append((start, time.perf_counter()))
+                clock.eval_cpu.append((start_cpu, time.process_time()))
+
+        runner_cls.train_fn, runner_cls.evaluate = train_fn, evaluate
+        try:
+            yield self
+        finally:
+            runner_cls.train_fn, runner_cls.evaluate = orig_train_fn, orig_eval
+
+    def rate(self, first: int, last: int) -> dict:
+        """Steps/s between dispatches ``first`` and ``last``, with and without evals."""
+        if last <= first or last >= len(self.entries):
+            raise ValueError(f"need dispatches {first}..{last}, have {len(self.entries)}")
+        t0, t1 = self.entries[first], self.entries[last]
+        evals = sum(min(e, t1) - max(s, t0) for s, e in self.evals if e > t0 and s < t1)
+        c0, c1 = self.cpu[first], self.cpu[last]
+        eval_cpu = sum(min(e, c1) - max(s, c0) for s, e in self.eval_cpu if e > c0 and s < c1)
+        steps = last - first
+        return {
+            "steps": steps, "window_s": t1 - t0, "eval_s": evals,
+            "steps_per_s": steps / (t1 - t0), "steps_per_s_excl_eval": steps / (t1 - t0 - evals),
+            "cpu_s_per_step_excl_eval": (c1 - c0 - eval_cpu) / steps,
+        }  # fmt: skip
+
+
+def _run_timed(config, workdir: str, warmup: int) -> dict:
+    from jaxrepro.train import loop
+
+    clock = _StepClock(loop)
+    start = time.perf_counter()
+    with clock.installed():
+        info = loop.run(config, workdir)
+    total = time.perf_counter() - start
+    out = clock.rate(warmup, len(clock.entries) - 1)
+    out.update(total_s=total, status=info["status"], checkpoints=_checkpoint_steps(workdir))
+    out["entries"] = clock.entries  # for the replay comparison; dropped from the JSON
+    return out
+
+
+def _checkpoint_steps(workdir: str) -> list[int]:
+    d = os.path.join(workdir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def bare_step_rate(config, workdir: str, steps: int, warmup: int) -> dict:
+    """The run's own compiled train step, back to back on one device-resident batch."""
+    import jax
+
+    from jaxrepro.train import loop
+    from jaxrepro.workdir import Workdir
+
+    runner = loop.Runner(config, Workdir(workdir), resuming=False)
+    phase = runner.phases[0]
+    state = runner.init_state()
+    # The loop's own placement where it has one (a data-parallel mesh), else device_put.
+    if hasattr(runner, "device_batch"):
+        state = runner.par.replicate(state)
+        batch, _ = runner.device_batch(phase, 0)
+        keys = runner.mesh_keys(phase)
+    else:
+        batch, keys = jax.device_put(runner.batch(phase, 0)), runner.keys(phase)
+    fn = runner.train_fn(phase, state, batch)
+    for _ in range(warmup):
+        state, metrics = fn(state, batch, *keys)
+    jax.block_until_ready(metrics)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        state, metrics = fn(state, batch, *keys)
+    jax.block_until_ready((state, metrics))
+    wall = time.perf_counter() - start
+    cpu = (time.process_time() - start_cpu) / steps
+    return {"steps": steps, "window_s": wall, "steps_per_s": steps / wall, "cpu_s_per_step": cpu}
+
+
+def bench_e2e(opts: dict) -> dict:
+    """Real runs vs the bare step, checkpoint overhead and replay cost, alternated."""
+    from jaxrepro import replay
+
+    if opts["warmup"] < 1 or opts["steps"] < opts["warmup"] + 2:
+        raise ValueError(
+            f"bench options need warmup >= 1 and steps > warmup + 1, got warmup="
+            f"{opts['warmup']}, steps={opts['steps']}"
+        )
+    config = _e2e_config(opts)
+    no_ckpt = _e2e_config(opts, checkpoint_every=0)
+    rounds = {"bare": [], "run": [], "run_no_checkpoints": [], "replay": []}
+    with tempfile.TemporaryDirectory(prefix="jaxrepro-e2e-") as tmp:
+        for r in range(opts["rounds"]):
+            bare_dir = os.path.join(tmp, f"bare{r}")
+            rounds["bare"].append(bare_step_rate(config, bare_dir, opts["steps"], opts["warmup"]))
+            run_dir = os.path.join(tmp, f"run{r}")
+            rounds["run"].append(_run_timed(config, run_dir, opts["warmup"]))
+            rounds["run_no_checkpoints"].append(
+                _run_timed(no_ckpt, os.path.join(tmp, f"noc{r}"), opts["warmup"])
+            )
+            rounds["replay"].append(_replay_timed(replay, run_dir, rounds["run"][-1], opts))
+            shutil.rmtree(run_dir, ignore_errors=True)
+    return _e2e_summary(opts, config, rounds)
+
+
+def _e2e_config(opts: dict, checkpoint_every: int | None = None):
+    """The config as a single pretrain phase of ``steps`` steps."""
+    config = load_config(opts["config"], opts["set"], opts["data_dir"])
+    config.pretrain.epochs = None
+    config.pretrain.steps = opts["steps"]
+    config.finetune.epochs = None
+    config.finetune.steps = 0
+    if checkpoint_every is not None:
+        config.checkpoint.every = checkpoint_every
+    return config
+
+
+def _replay_timed(replay_mod, run_dir: str, original: dict, opts: dict) -> dict:
+    """replay.replay of the steps after a checkpoint vs the original's time for them."""
+    from jaxrepro.train import loop
+
+    ckpts = [s for s in original["checkpoints"] if s < opts["steps"]]
+    start_step = opts["replay_from"] or max(ckpts)
+    k = opts["steps"] - start_step
+    clock = _StepClock(loop)
+    t0 = time.perf_counter()
+    with clock.installed():
+        summary = replay_mod.replay(run_dir, from_step=start_step, steps=k)
+    total = time.perf_counter() - t0
+    entries = original["entries"]
+    # The original's time for the same k steps: dispatch of start_step to its last one,
+    # plus one step at its steady rate (the last step's own time has no later stamp).
+    orig = entries[-1] - entries[start_step] + (entries[-1] - entries[-2])
+    return {
+        "from_step": start_step, "steps": k, "replay_total_s": total,
+        "original_steps_s": orig, "bitwise_equal": summary["bitwise_equal"],
+        "replay_over_original": total / orig,
+    }  # fmt: skip
+
+
+def _median(rows: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def _e2e_summary(opts, config, rounds) -> dict:
+    from jaxrepro.bench import machine_info
+
+    for rows in rounds.values():
+        for row in rows:
+            row.pop("entries", None)
+    bare = _median(rounds["bare"], "steps_per_s")
+    run = _median(rounds["run"], "steps_per_s")
+    run_x = _median(rounds["run"], "steps_per_s_excl_eval")
+    noc = _median(rounds["run_no_checkpoints"], "steps_per_s")
+    per_round = [
+        r["steps_per_s_excl_eval"] / b["steps_per_s"]
+        for r, b in zip(rounds["run"], rounds["bare"], strict=True)
+    ]
+    # CPU time per step: the work the loop adds (host code, checkpoint threads), whatever
+    # the machine's other load does to wall times.
+    cpu_bare = _median(rounds["bare"], "cpu_s_per_step")
+    cpu_run = _median(rounds["run"], "cpu_s_per_step_excl_eval")
+    cpu_noc = _median(rounds["run_no_checkpoints"], "cpu_s_per_step_excl_eval")
+    return {
+        "kind": "e2e", "options": opts, "machine": machine_info(),
+        "config": {"model": config.model.name, "image_size": config.data.image_size,
+                   "batch_size": config.pretrain.batch_size,
+                   "checkpoint_every": config.checkpoint.every,
+                   "eval_every": config.pretrain.eval_every},
+        "bare_steps_per_s": bare, "run_steps_per_s": run, "run_steps_per_s_excl_eval": run_x,
+        "run_no_checkpoints_steps_per_s": noc,
+        "efficiency_excl_eval": run_x / bare, "efficiency_incl_eval": run / bare,
+        "efficiency_per_round": per_round,
+        "checkpoint_overhead_ratio": run / noc,
+        "cpu_s_per_step": {"bare": cpu_bare, "run_excl_eval": cpu_run,
+                           "run_no_checkpoints_excl_eval": cpu_noc},
+        "efficiency_cpu": cpu_bare / cpu_run,
+        "checkpoint_overhead_ratio_cpu": cpu_noc / cpu_run,
+        "replay_over_original": _median(rounds["replay"], "replay_over_original"),
+        "rounds": rounds,
+    }  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def bench_memory(opts: dict) -> dict:
+    """Peak RSS of whole ``jaxrepro train`` runs, one fresh process each."""
+    configs = [c for c in opts["configs"].split(",") if c]
+    if not configs:
+        raise ValueError("bench option configs is empty")
+    out = {"kind": "memory", "options": opts, "runs": []}
+    with tempfile.TemporaryDirectory(prefix="jaxrepro-mem-") as tmp:
+        for i, cfg in enumerate(configs):
+            out["runs"].append(peak_rss_of_run(cfg, os.path.join(tmp, f"w{i}"), opts["data_dir"]))
+    return out
+
+
+def peak_rss_of_run(config_arg: str, workdir: str, data_dir: str = "") -> dict:
+    """Runs ``python -m jaxrepro train`` and returns its status, wall time and peak RSS."""
+    cmd = [sys.executable, "-m", "jaxrepro", "train", f"--config={config_arg}",
+           f"--workdir={workdir}", "--config.runtime.progress_every_s=1e9"]  # fmt: skip
+    if data_dir:
+        cmd.append(f"--config.data.data_dir={data_dir}")
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr = proc.stderr.read().decode(errors="replace")
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {
+        "config": config_arg, "exit_code": proc.returncode,
+        "wall_s": time.perf_counter() - start,
+        "peak_rss_mib": usage.ru_maxrss / 1024,  # Linux reports KiB
+        "stderr_tail": stderr[-500:] if proc.returncode else "",
+    }  # fmt: skip

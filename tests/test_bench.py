@@ -1,0 +1,140 @@
+"""``jaxrepro bench`` at tiny sizes: the JSON it writes is complete and consistent.
+
+Benchmarks are not tests: nothing here asserts a speed, only that the numbers are there,
+positive, and agree with each other.
+"""
+
+import json
+import os
+import statistics
+import types
+
+import pytest
+
+from jaxrepro import bench, bench_runs
+from jaxrepro.errors import JaxreproError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(REPO, "configs", "digits.py") + ":smoke"
+
+
+def _flags(out):
+    return types.SimpleNamespace(out=str(out))
+
+
+def test_options_are_typed_and_checked():
+    opts = bench.parse_options(["rounds=3", "arch=resnet18"], bench.STEP_DEFAULTS)
+    assert opts["rounds"] == 3 and opts["arch"] == "resnet18" and opts["iters"] == 3
+    with pytest.raises(ValueError, match="key=value"):
+        bench.parse_options(["rounds"], bench.STEP_DEFAULTS)
+    with pytest.raises(ValueError, match="unknown bench option 'round'"):
+        bench.parse_options(["round=3"], bench.STEP_DEFAULTS)
+    with pytest.raises(ValueError, match="rounds=.*int"):
+        bench.parse_options(["rounds=many"], bench.STEP_DEFAULTS)
+    assert bench.int_list("32,224", "size") == [32, 224]
+    with pytest.raises(ValueError, match="positive"):
+        bench.int_list("0", "size")
+
+
+def test_cli_errors_name_the_problem(tmp_path):
+    with pytest.raises(JaxreproError, match="sub-command"):
+        bench.main([], _flags(tmp_path))
+    with pytest.raises(JaxreproError, match="unknown bench sub-command 'stpe'"):
+        bench.main(["stpe"], _flags(tmp_path))
+    with pytest.raises(JaxreproError, match="rounds"):
+        bench.main(["step", "rounds=x"], _flags(tmp_path))
+    with pytest.raises(JaxreproError, match="same length"):
+        bench.main(["step", "size=16,32", "batch=4", "torch=0", "peak_n=64"], _flags(tmp_path))
+    with pytest.raises(JaxreproError, match="init="):
+        bench.main(["startup", "init=lazy"], _flags(tmp_path))
+    with pytest.raises(JaxreproError, match="conv_impl/bn_impl"):
+        bench.main(["step", "variants=matmul/flax/fast"], _flags(tmp_path))
+    assert not os.path.exists(tmp_path / "step.json")
+
+
+def test_resnet50_flops_match_the_published_count():
+    flops = bench.model_flops("resnet50", 224, num_classes=1000)
+    # torchvision: 4.09 G multiply-adds for ResNet-50 at 224x224
+    assert 2 * 4.08e9 < flops["forward"] < 2 * 4.11e9
+    assert flops["train"] == 3 * flops["forward"]
+
+
+def test_bench_step_writes_consistent_json(tmp_path):
+    args = ["step", "arch=resnet_tiny", "size=16", "batch=4", "rounds=2", "iters=2", "warmup=1",
+            "peak_n=128", "variants=matmul/flax/cond", "threads=1"]  # fmt: skip
+    assert bench.main(args, _flags(tmp_path)) == 0
+    result = json.loads((tmp_path / "step.json").read_text())
+    mp = result["matmul_peak"]
+    per_core = max(mp["numpy_gflops_per_core_cpu"], mp["jax_gflops_per_core_cpu"])
+    assert mp["peak_gflops"] == max(mp["numpy_gflops"], mp["jax_gflops"], per_core * mp["cores"])
+    peak = mp["peak_gflops"] * 1e9
+    (row,) = result["shapes"]
+    assert (row["image_size"], row["batch"]) == (16, 4)
+    assert row["flops_per_image"]["train"] == 3 * row["flops_per_image"]["forward"] > 0
+    for name in ("jax", "jax[matmul/flax/cond]", "torch"):
+        r = row[name]
+        assert len(r["rounds_s"]) == 2 and all(len(x) == 2 for x in r["rounds_s"])
+        times = [t for x in r["rounds_s"] for t in x]
+        assert min(times) > 0 and r["step_s_median"] == pytest.approx(statistics.median(times))
+        assert r["images_per_s"] == pytest.approx(4 / r["step_s_median"])
+        want = r["images_per_s"] * row["flops_per_image"]["train"] / peak
+        assert r["fraction_of_peak"] == pytest.approx(want)
+    assert row["jax"]["conv_impl"] == "matmul" and row["jax"]["tail"] == "project"
+    assert row["jax[matmul/flax/cond]"]["tail"] == "cond"
+    ratios = [
+        statistics.median(t) / statistics.median(j)
+        for j, t in zip(row["jax"]["rounds_s"], row["torch"]["rounds_s"], strict=True)
+    ]
+    assert row["ratio_per_round"] == pytest.approx(ratios)
+    assert row["ratio_jax_over_torch"] == pytest.approx(statistics.median(ratios))
+    assert row["ratio_jax_over_torch"] > 0
+    assert row["ratio_of_medians"] == pytest.approx(
+        row["jax"]["images_per_s"] / row["torch"]["images_per_s"]
+    )
+    assert result["machine"]["cores"] >= 1 and row["torch"]["threads"] >= 1
+
+
+def test_bench_e2e_smoke(tmp_path, data_dir):
+    opts = dict(bench_runs.E2E_DEFAULTS, config=SMOKE, steps=9, warmup=2, rounds=1,
+                data_dir=data_dir, set="checkpoint.every=4;pretrain.eval_every=4")  # fmt: skip
+    result = bench_runs.bench_e2e(opts)
+    (run,) = result["rounds"]["run"]
+    (noc,) = result["rounds"]["run_no_checkpoints"]
+    assert run["status"] == "done" and run["steps"] == 9 - 1 - 2
+    # every 4 steps, keep_last 3; without the cadence only the phase start and the end
+    assert run["checkpoints"] == [4, 8, 9] and noc["checkpoints"] == [0, 9]
+    assert run["eval_s"] > 0 and run["steps_per_s_excl_eval"] >= run["steps_per_s"] > 0
+    assert result["efficiency_excl_eval"] == pytest.approx(
+        run["steps_per_s_excl_eval"] / result["bare_steps_per_s"]
+    )
+    assert result["checkpoint_overhead_ratio"] == pytest.approx(
+        run["steps_per_s"] / noc["steps_per_s"]
+    )
+    cpu = result["cpu_s_per_step"]
+    assert cpu["run_excl_eval"] == run["cpu_s_per_step_excl_eval"] > 0
+    assert result["efficiency_cpu"] == pytest.approx(cpu["bare"] / cpu["run_excl_eval"])
+    (rep,) = result["rounds"]["replay"]
+    assert rep["from_step"] == 8 and rep["steps"] == 1 and rep["bitwise_equal"]
+    assert result["replay_over_original"] == pytest.approx(
+        rep["replay_total_s"] / rep["original_steps_s"]
+    )
+
+
+def test_bench_startup_cold_then_warm(data_dir):
+    opts = dict(bench_runs.STARTUP_DEFAULTS, config=SMOKE, init="fast", runs=2,
+                data_dir=data_dir)  # fmt: skip
+    result = bench_runs.bench_startup(opts)
+    cold, warm = result["results"]["fast"]
+    assert (cold["cache"], warm["cache"]) == ("cold", "warm")
+    for r in (cold, warm):
+        assert 0 < r["python_start_s"] < r["time_to_first_step_s"] < r["process_exit_s"]
+        assert r["calls"]["init"] >= 1 and r["seconds"]["step_trace_compile"] > 0
+    assert cold["compiles"]["cache_hits"] == 0
+    # the second run of the same config finds the step (and init) in the cache
+    assert warm["compiles"]["cache_hits"] >= 1
+    assert warm["compiles"]["compile_time_saved_s"] > 0
+
+
+def test_bench_memory_refuses_an_empty_list():
+    with pytest.raises(ValueError, match="configs"):
+        bench_runs.bench_memory({"configs": "", "data_dir": ""})
