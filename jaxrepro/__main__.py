@@ -42,7 +42,16 @@ flags.DEFINE_integer("skip_batches", 0, "replay: skip this many batches of the d
 flags.DEFINE_string("name", None, "replay: name of the branch under RUN/replays/.")
 flags.DEFINE_integer("steps", None, "replay: steps to train; audit: steps to audit.")
 flags.DEFINE_string(
-    "devices", None, "audit: also run on these device counts (8, or 2,8) and compare with 1."
+    "devices",
+    None,
+    "audit: also run on these device counts (8, or 2,8) and compare with 1; "
+    "replay: the mesh size of the replay (default: the run's).",
+)
+flags.DEFINE_bool(
+    "replay_setup",
+    True,
+    "replay: re-execute under the run's recorded process setup (XLA flags, simulated "
+    "device count, CPU threads) when this process's differs.",
 )
 flags.DEFINE_string("out", None, "Output directory (audit, study, port, compare, bench).")
 flags.DEFINE_string("vary", None, "study: factors to vary: aug | aug,data | all.")
@@ -67,6 +76,7 @@ flags.DEFINE_bool("jobs_only", False, "study: write the job list for a cluster, 
 flags.DEFINE_string("dataset", None, "prepare: dataset name.")
 flags.DEFINE_string("data_dir", None, "prepare: TFDS data dir (default: $JAXREPRO_DATA_DIR).")
 FLAGS = flags.FLAGS
+_REPLAY_SETUP: dict = {}  # what replay_process_setup found, for the replay's summary
 
 
 def command(fn):
@@ -97,7 +107,7 @@ def setup_compile_cache() -> None:
         "JAXREPRO_COMPILE_CACHE_DIR", os.path.expanduser("~/.cache/jaxrepro/xla")
     )
     jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 @command
@@ -113,6 +123,12 @@ def cmd_train(argv):
 def cmd_replay(argv):
     from jaxrepro import replay
 
+    devices = None
+    if FLAGS.devices is not None:
+        try:
+            devices = int(FLAGS.devices)
+        except ValueError as e:
+            raise JaxreproError(f"--devices={FLAGS.devices!r}: a replay takes one count") from e
     s = replay.replay(
         _require("workdir"),
         dropoff=FLAGS.dropoff,
@@ -121,7 +137,10 @@ def cmd_replay(argv):
         skip_batches=FLAGS.skip_batches,
         name=FLAGS.name,
         steps=FLAGS.steps,
+        devices=devices,
+        setup=_REPLAY_SETUP.get("record"),
     )
+    _print_setup(s)
     print(f"{s['kind']} replay from step {s['from_step']} to {s['until']} -> {s['replay_dir']}")
     if s["kind"] == "exact":
         first = s["first_difference"]
@@ -131,6 +150,19 @@ def cmd_replay(argv):
         print(f"the drop-off {'recurs' if s['event_recurs'] else 'does not recur'} in the replay")
     print(f"summary: {s['replay_dir']}/replay_summary.json  figure: {s['figure']}")
     return 0 if s["kind"] != "exact" or s["bitwise_equal"] else 1
+
+
+def _print_setup(s: dict) -> None:
+    setup, dev = s.get("setup") or {}, s["devices"]
+    if setup.get("reexecuted"):
+        differed = "; ".join(setup["differed"])
+        print(f"re-executed under the run's recorded process setup (here: {differed})")
+    for d in setup.get("differences", []):
+        print(f"warning: not the recorded process setup: {d}")
+    if dev["replay"] != dev["recorded"]:
+        print(f"on {dev['replay']} devices (the run used {dev['recorded']})")
+    for note in s.get("notes", []):
+        print(f"note: {note}")
 
 
 @command
@@ -291,6 +323,12 @@ def main(argv):
         return 2
     _setup_logging()
     try:
+        if argv[1] == "replay" and FLAGS.workdir:
+            from jaxrepro.invariant import setup as setup_lib
+
+            _REPLAY_SETUP["record"] = setup_lib.replay_process_setup(
+                FLAGS.workdir, sys.argv, reexec=FLAGS.replay_setup
+            )
         _before_backend()
         setup_compile_cache()
         return COMMANDS[argv[1]](argv)

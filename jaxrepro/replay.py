@@ -109,8 +109,15 @@ def replay(
     name: str | None = None,
     steps: int | None = None,
     window: int | None = None,
+    devices: int | None = None,
+    setup: dict | None = None,
 ) -> dict:
     """Branches ``run_dir`` from a checkpoint and compares the branch with the original.
+
+    ``devices`` runs the replay on a mesh of that many devices instead of the run's: in
+    device-count-invariant mode (``determinism.device_invariant``) an exact replay is
+    still bit for bit, provided the process setup is the recorded one (``jaxrepro
+    replay`` re-executes itself under it; ``setup`` is what it found, for the summary).
 
     Returns the summary also written to ``replays/NAME/replay_summary.json``.
     """
@@ -119,9 +126,23 @@ def replay(
     applied = parse_overrides(config, overrides)
     if skip_batches < 0:
         raise ConfigError(f"--skip_batches must be >= 0, got {skip_batches}")
+    run_info = ws.read_run()
+    recorded_devices = (run_info.get("mesh") or {}).get("devices")
+    notes = []
+    if devices is not None:
+        if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+            raise ConfigError(f"--devices must be a positive device count, got {devices!r}")
+        config.parallel.num_devices = devices  # the layout, not the math (see above)
+        if devices != recorded_devices and not config.determinism.device_invariant:
+            notes.append(
+                f"the run was not in device-count-invariant mode: a replay on {devices} "
+                f"devices (the run used {recorded_devices}) is not expected to be bitwise"
+            )
     exact = not applied and not skip_batches
     if name is None:
         parts = [f"from{start}"] + applied + ([f"skip{skip_batches}"] if skip_batches else [])
+        if devices is not None:
+            parts.append(f"dev{devices}")
         name = ("exact_" if exact else "cf_") + _slug("_".join(parts))
     out = os.path.join(ws.path, "replays", name)
     origin = loop.Origin(
@@ -134,6 +155,11 @@ def replay(
     )
     info = loop.run(config, out, origin=origin)
     summary = compare(ws.metrics(), Workdir(out).metrics(), start=start)
+    replay_info = Workdir(out).read_run()
+    backend = (run_info.get("platform") or {}).get("backend")
+    here = (replay_info.get("platform") or {}).get("backend")
+    if backend and here and backend != here:
+        notes.append(f"the run used the {backend} backend, the replay {here}: bits may differ")
     summary.update(
         name=name,
         run=ws.path,
@@ -146,6 +172,12 @@ def replay(
         event=p["event"],
         status=info.get("status"),
         final_param_hash=info.get("final_param_hash"),
+        devices={
+            "recorded": recorded_devices,
+            "replay": (replay_info.get("mesh") or {}).get("devices"),
+        },
+        setup=setup,
+        notes=notes,
     )
     if p["event"] is not None:
         summary["event_recurs"] = _recurs(p["event"], dropoff_lib.load_dropoffs(out))

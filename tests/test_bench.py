@@ -107,10 +107,15 @@ def test_bench_e2e_smoke(tmp_path, data_dir):
     assert result["efficiency_excl_eval"] == pytest.approx(
         run["steps_per_s_excl_eval"] / result["bare_steps_per_s"]
     )
+    # time per step with checkpoints over time per step without them
     assert result["checkpoint_overhead_ratio"] == pytest.approx(
-        run["steps_per_s"] / noc["steps_per_s"]
+        noc["steps_per_s"] / run["steps_per_s"]
     )
+    assert result["checkpoint_overhead_per_round"] == [result["checkpoint_overhead_ratio"]]
     cpu = result["cpu_s_per_step"]
+    assert result["checkpoint_overhead_ratio_cpu"] == pytest.approx(
+        cpu["run_excl_eval"] / cpu["run_no_checkpoints_excl_eval"]
+    )
     assert cpu["run_excl_eval"] == run["cpu_s_per_step_excl_eval"] > 0
     assert result["efficiency_cpu"] == pytest.approx(cpu["bare"] / cpu["run_excl_eval"])
     (rep,) = result["rounds"]["replay"]
@@ -129,9 +134,10 @@ def test_bench_startup_cold_then_warm(data_dir):
     for r in (cold, warm):
         assert 0 < r["python_start_s"] < r["time_to_first_step_s"] < r["process_exit_s"]
         assert r["calls"]["init"] >= 1 and r["seconds"]["step_trace_compile"] > 0
-    assert cold["compiles"]["cache_hits"] == 0
-    # the second run of the same config finds the step (and init) in the cache
-    assert warm["compiles"]["cache_hits"] >= 1
+    # cold: nearly everything is compiled (a program compiled twice in one run may hit)
+    assert cold["compiles"]["cache_hits"] < cold["compiles"]["backend_compiles"] / 2
+    # the second run of the same config compiles nothing: every program is a cache hit
+    assert warm["compiles"]["cache_hits"] == warm["compiles"]["backend_compiles"] >= 1
     assert warm["compiles"]["compile_time_saved_s"] > 0
 
 

@@ -25,4 +25,3 @@ def test_smoke_config_trains_on_mock_data(name, data_dir, tmp_path):
     evals = {(r["phase"], r["split"]) for r in rows if r["kind"] == "eval"}
     assert ("pretrain", "source_test") in evals and ("finetune", "target_test") in evals
     assert all(r["finite"] for r in train)
-

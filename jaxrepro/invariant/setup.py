@@ -24,6 +24,7 @@ import os
 import re
 
 from jaxrepro import jsonio
+from jaxrepro.errors import WorkdirError
 
 THREADS_ENV = "JAXREPRO_CPU_THREADS"
 _COUNT_FLAG = "--xla_force_host_platform_device_count"
@@ -149,3 +150,78 @@ def differences(run_json, current: dict[str, str] | None = None) -> list[str]:
 def describe(env: dict[str, str]) -> str:
     """One line for the log: the setup a replay runs under."""
     return ", ".join(f"{k}={v!r}" for k, v in sorted(env.items()))
+
+
+# ----------------------------------------------------------------------------- replays
+
+REEXEC_ENV = "JAXREPRO_REPLAY_SETUP"  # set in a re-executed replay: what had differed (JSON)
+
+
+def replay_process_setup(run_dir: str, argv, *, reexec: bool = True) -> dict | None:
+    """Puts a replay of ``run_dir`` under the process setup its run.json records.
+
+    ``jaxrepro replay`` calls this before JAX starts its backend. When this process's
+    setup (XLA flags with the simulated device count, CPU threads) differs from the
+    record and ``reexec`` is true, it re-executes the command line ``argv``
+    (``sys.argv``, flags included) with the recorded setup and does not return. In the
+    re-executed process it applies the recorded thread count. A JAX_PLATFORMS left unset
+    here is not a difference: JAX picks the recorded backend itself on the same machine
+    (the replay checks it).
+
+    Returns what the replay summary records: ``recorded`` (the environment),
+    ``differed`` (what differed when the command was started), ``reexecuted``, and
+    ``differences`` (what still differs; empty when the setup is the recorded one), or
+    None when ``run_dir`` has no run.json (the replay then reports the missing run).
+    """
+    import json
+    import logging
+    import sys
+
+    log = logging.getLogger("jaxrepro")
+    path = os.path.join(run_dir, "run.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        recorded = setup_for_replay(path)
+    except (ValueError, OSError) as e:  # json.JSONDecodeError is a ValueError
+        raise WorkdirError(f"{path}: cannot read the run's process setup: {e}") from e
+    record = {"recorded": recorded, "differed": [], "reexecuted": False}
+    if REEXEC_ENV in os.environ:  # the re-executed replay
+        record.update(differed=json.loads(os.environ[REEXEC_ENV]), reexecuted=True)
+        apply_env_threads()
+        record["differences"] = _relevant(path)
+        return record
+    differed = _relevant(path)
+    record.update(differed=differed, differences=differed)
+    if not differed or not reexec:
+        return record
+    env = dict(recorded)
+    if THREADS_ENV in env and int(env[THREADS_ENV]) > len(os.sched_getaffinity(0)):
+        log.warning(
+            "the run used %s CPU threads; this machine has fewer: the replay cannot recreate "
+            "that part of its setup, and its bits may differ", env[THREADS_ENV]
+        )  # fmt: skip
+        del env[THREADS_ENV]
+        if all(d.startswith(THREADS_ENV) for d in differed):
+            return record  # nothing a re-execution could change
+    if not os.environ.get("JAX_PLATFORMS"):
+        env.pop("JAX_PLATFORMS", None)
+    child = {k: v for k, v in os.environ.items() if k != THREADS_ENV}
+    child.update(env, **{REEXEC_ENV: json.dumps(differed)})
+    log.warning(
+        "replay: this process's setup differs from the run's (%s); re-executing under the "
+        "recorded setup: %s", "; ".join(differed), describe(env),
+    )  # fmt: skip
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "jaxrepro", *argv[1:]], child)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _relevant(run_json) -> list[str]:
+    """``differences`` without an unset JAX_PLATFORMS (JAX then picks the backend itself)."""
+    here = current_setup()
+    out = differences(run_json, here)
+    if not here["JAX_PLATFORMS"]:
+        out = [d for d in out if not d.startswith("JAX_PLATFORMS")]
+    return out

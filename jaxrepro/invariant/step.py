@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 from jaxrepro.data import augment as augment_lib
 from jaxrepro.invariant import grouped_model, reduce
 from jaxrepro.train.step import TrainState, normalize
+from jaxrepro.train.update import guarded_update
 
 AXIS = "data"
 POLICIES = ("skip", "stop")
@@ -141,16 +142,15 @@ def invariant_train_step(
         for lg, lb in zip(logits, labels, strict=True)
     ]
     accuracy = reduce.combine(hits, axis_name).astype(jnp.float32) / batch_size
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     apply = finite if policy == "skip" else finite & (state.nonfinite == 0)
+    params, opt_state, update_norm = guarded_update(tx, state.params, state.opt_state, grads, apply)
     new_state = TrainState(
         step=state.step + 1,
-        params=_select(apply, params, state.params),
+        params=params,
         batch_stats=_select(apply, batch_stats, state.batch_stats),
-        opt_state=_select(apply, opt_state, state.opt_state),
+        opt_state=opt_state,
         nonfinite=state.nonfinite + (~apply).astype(jnp.int32),
     )
     pixels = batch_size * xs[0].shape[1] * xs[0].shape[2]
@@ -159,7 +159,7 @@ def invariant_train_step(
         "loss": loss,
         "accuracy": accuracy,
         "grad_norm": grad_norm,
-        "update_norm": jnp.where(apply, optax.tree.norm(updates), 0.0),
+        "update_norm": update_norm,
         "param_norm": optax.tree.norm(new_state.params),
         "lr": lr_fn(state.step - phase_start),
         "finite": finite,

@@ -235,6 +235,9 @@ class Runner:
         self._eval_fns = {}
         self._eval_batches = {}
         self._mesh_keys = {}
+        # Device-count-invariant mode evaluates on one device, every host all rows: the same
+        # program on any layout, so eval rows are bitwise invariant too (not only train rows).
+        self.eval_one_device = bool(config.determinism.device_invariant)
 
     # -- setup
     def phase_of(self, step: int) -> state_lib.Phase:
@@ -317,8 +320,15 @@ class Runner:
                 mean=tuple(self.config.data.normalize.mean),
                 std=tuple(self.config.data.normalize.std),
             )
-            self._eval_fns[phase.name] = self.par.jit_eval_step(fn)
+            if self.eval_one_device:
+                self._eval_fns[phase.name] = jax.jit(fn)
+            else:
+                self._eval_fns[phase.name] = self.par.jit_eval_step(fn)
         return self._eval_fns[phase.name]
+
+    def _eval_batch_size(self) -> int:
+        bs = self.config.train.eval_batch_size
+        return bs if self.eval_one_device else self.par.round_up(bs)
 
     # -- data
     def batch_ids(self, phase, step: int) -> tuple[np.ndarray, np.ndarray]:
@@ -371,12 +381,14 @@ class Runner:
     def _eval_batches_of(self, split, src):
         """This host's rows of every eval batch (padded to a multiple of the device count)."""
         if split not in self._eval_batches:
-            bs = self.par.round_up(self.config.train.eval_batch_size)
+            bs = self._eval_batch_size()
             n = len(src)
             batches = []
             for i in range(0, n, bs):
                 global_ids = np.arange(i, i + bs)
-                ids = self.par.host_slice(np.where(global_ids < n, global_ids, -1))
+                ids = np.where(global_ids < n, global_ids, -1)
+                if not self.eval_one_device:
+                    ids = self.par.host_slice(ids)
                 rows = len(ids)
                 ids = ids[ids >= 0]  # padding sits at the end of the batch, so of each slice
                 images, labels = src.get(ids)
@@ -391,12 +403,20 @@ class Runner:
     def evaluate(self, phase, state, step: int) -> list[dict]:
         rows = []
         fn = self.eval_fn(phase)
+        bs = self._eval_batch_size()
+        if self.eval_one_device:
+            # This host's copy of the replicated state, on its first device (no transfer).
+            params, stats = jax.tree.map(
+                lambda a: a.addressable_data(0), (state.params, state.batch_stats)
+            )
         for split, src in self.eval_sets(phase):
-            bs = self.par.round_up(self.config.train.eval_batch_size)
-            sums = [
-                fn(state.params, state.batch_stats, *self.par.shard_batch(b, bs))
-                for b in self._eval_batches_of(split, src)
-            ]
+            if self.eval_one_device:
+                sums = [fn(params, stats, *b) for b in self._eval_batches_of(split, src)]
+            else:
+                sums = [
+                    fn(state.params, state.batch_stats, *self.par.shard_batch(b, bs))
+                    for b in self._eval_batches_of(split, src)
+                ]
             sums = jax.device_get(sums)
             n = len(src)
             rows.append(

@@ -64,10 +64,11 @@ def make_phase(config, name, start, steps, num_classes, conv_impl) -> Phase:
 
 
 def init_variables(module, key, image_size: int):
-    """Initialises at batch 1: no compile of the whole model at full batch just to init."""
-    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    variables = jax.jit(lambda k: module.init({"params": k}, x, train=False))(key)
-    return variables["params"], variables.get("batch_stats", {})
+    """``module.init``'s values bit for bit, without compiling the model to initialise it.
+
+    ``models.init_variables`` draws every parameter in one small program (models/init.py).
+    """
+    return models.init_variables(module, key, image_size)
 
 
 def load_pretrained(config, params, batch_stats):

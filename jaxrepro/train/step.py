@@ -16,6 +16,7 @@ import optax
 from flax import struct
 
 from jaxrepro.data import augment as augment_lib
+from jaxrepro.train.update import guarded_update
 
 
 @struct.dataclass
@@ -79,23 +80,24 @@ def train_step(
         return loss, (logits, new_vars["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     apply = finite if policy == "skip" else finite & (state.nonfinite == 0)
+    # Under lax.cond, not per-leaf selects: the skipped branch costs nothing and the taken
+    # one updates the donated Adam state in place (train/update.py).
+    params, opt_state, update_norm = guarded_update(tx, state.params, state.opt_state, grads, apply)
     new_state = TrainState(
         step=state.step + 1,
-        params=_select(apply, params, state.params),
+        params=params,
         batch_stats=_select(apply, batch_stats, state.batch_stats),
-        opt_state=_select(apply, opt_state, state.opt_state),
+        opt_state=opt_state,
         nonfinite=state.nonfinite + (~apply).astype(jnp.int32),
     )
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
         "grad_norm": grad_norm,
-        "update_norm": jnp.where(apply, optax.tree.norm(updates), 0.0),
+        "update_norm": update_norm,
         "param_norm": optax.tree.norm(new_state.params),
         "lr": lr_fn(state.step - phase_start),
         "finite": finite,
