@@ -5,7 +5,7 @@
   run of the same config, as in a seed study). A breakdown (imports, data, init, eval,
   checkpoint, step compile, first step) and jax's compile / cache-hit counts come back
   from the child. ``init=module|fast|both`` picks the initialiser the child uses:
-  the loop's own (``jax.jit(module.init)``) or ``models.init_variables``.
+  ``jax.jit(module.init)`` (what the loop used before) or ``models.init_variables`` (its own).
 * ``e2e``: steady-state train steps/s of real runs (``loop.run``: host data pipeline,
   metrics rows, drop-off detector, checkpoints at the config's cadence) against the
   same compiled step called back to back on a device-resident batch; the same run with
@@ -145,6 +145,16 @@ def _compile_listener(stats: dict):
     jax.monitoring.register_event_listener(on_event)
 
 
+def module_init(module, key, image_size: int):
+    """The plain way to initialise: ``jax.jit(module.init)`` at batch 1 (same values)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    variables = jax.jit(lambda k: module.init({"params": k}, x, train=False))(key)
+    return variables["params"], variables.get("batch_stats", {})
+
+
 def startup_child(args_json: str) -> None:
     """In a fresh process: one run of the config, stopped after its first train step."""
     marks = {"python": time.time()}
@@ -164,7 +174,9 @@ def startup_child(args_json: str) -> None:
     stats.update(backend_compile_s=0.0, compile_time_saved_s=0.0)
     _compile_listener(stats)
     timer = _Timer()
-    if a["init"] == "fast":  # the hook proposed for train/state.py
+    if a["init"] == "module":  # what train/state.py did before models.init_variables
+        state_lib.init_variables = module_init
+    else:
         state_lib.init_variables = models.init_variables
     timer.wrap(state_lib, "init_variables", "init")
     timer.wrap(loop, "load_data", "data")
