@@ -1,7 +1,8 @@
 """Orbax checkpoints with a manifest of per-array hashes, and our own retention.
 
 A checkpoint holds the whole TrainState (params, batch_stats, opt_state, step, non-finite
-count) and a JSON ``meta`` item: phase, architecture, and the sha256 of every array. Keys
+count) and a JSON ``meta`` item: phase, architecture, and a crc32 of every array (checked
+on restore; older checkpoints carry sha256 digests, which are checked as such). Keys
 are derived and the data position is the step, so neither is stored.
 
 Retention is ours, not orbax's ``max_to_keep``: keep the latest ``keep_last``, every
@@ -21,6 +22,8 @@ from flax import serialization
 
 from jaxrepro import hashing
 from jaxrepro.errors import CheckpointError
+
+MANIFEST_ALGO = "crc32"  # per-array checksums of new checkpoints (hashing.leaf_checksums)
 
 
 def _options(read_only: bool = False) -> ocp.CheckpointManagerOptions:
@@ -68,7 +71,13 @@ class Checkpoints:
     def save(self, step: int, state, meta: dict) -> None:
         """Starts an async save; ``wait()`` before relying on it (and before exit)."""
         tree = serialization.to_state_dict(state)
-        meta = dict(meta, step=int(step), manifest=hashing.leaf_hashes(tree), shapes=_shapes(tree))
+        meta = dict(
+            meta,
+            step=int(step),
+            manifest=hashing.leaf_checksums(tree, MANIFEST_ALGO),
+            manifest_algo=MANIFEST_ALGO,
+            shapes=_shapes(tree),
+        )
         self._mngr.save(
             int(step),
             args=ocp.args.Composite(state=ocp.args.PyTreeSave(tree), meta=ocp.args.JsonSave(meta)),
@@ -123,7 +132,13 @@ class Checkpoints:
                 f"{type(e).__name__}: {str(e)[:300]}"
             ) from e
         tree = out["state"]
-        bad = _mismatched(meta["manifest"], hashing.leaf_hashes(tree))
+        # Checkpoints written before manifest_algo was recorded carry sha256 digests.
+        algo = meta.get("manifest_algo", "sha256")
+        if algo not in hashing.MANIFEST_ALGOS:
+            raise CheckpointError(
+                f"checkpoint {step} in {self.directory}: unknown manifest checksum {algo!r}"
+            )
+        bad = _mismatched(meta["manifest"], hashing.leaf_checksums(tree, algo))
         if bad:
             raise CheckpointError(
                 f"checkpoint {step} in {self.directory} is corrupt: array(s) "

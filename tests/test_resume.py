@@ -197,3 +197,46 @@ def test_half_written_save_is_never_restored(data_dir, tmp_path):
     ckpts.close()
     done = loop.run(cfg, path)
     assert done["status"] == "done" and done["resumes"][0]["from_step"] == 4
+
+
+def _legacy_save(ckpts: Checkpoints, step: int, tree, manifest: dict) -> None:
+    """A checkpoint as written before manifests named their checksum (sha256 digests)."""
+    import orbax.checkpoint as ocp
+
+    from jaxrepro import checkpoints as ckpt_lib
+
+    meta = {"step": step, "manifest": manifest, "shapes": ckpt_lib._shapes(tree)}
+    ckpts._mngr.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.PyTreeSave(tree), meta=ocp.args.JsonSave(meta)),
+    )
+    ckpts.wait()
+
+
+def test_manifest_checksums_new_and_legacy(tmp_path):
+    import jax.numpy as jnp
+
+    from jaxrepro import hashing
+
+    tree = {"w": jnp.arange(12.0).reshape(3, 4), "b": {"v": jnp.ones(5, jnp.int32)}}
+    crc = hashing.leaf_checksums(tree)
+    assert set(crc) == {"w", "b/v"} and all(v.startswith("crc32:") for v in crc.values())
+    flipped = {"w": tree["w"].at[1, 2].set(-5.0), "b": tree["b"]}
+    assert hashing.leaf_checksums(flipped)["w"] != crc["w"]
+    assert hashing.leaf_checksums(flipped)["b/v"] == crc["b/v"]
+    with pytest.raises(ValueError, match="unknown manifest checksum"):
+        hashing.leaf_checksums(tree, "md5")
+    # new checkpoints record crc32; legacy ones (sha256, no name) are checked as sha256
+    ckpts = Checkpoints(str(tmp_path / "ck"))
+    ckpts.save(1, tree, {})
+    ckpts.wait()
+    assert ckpts.meta(1)["manifest_algo"] == "crc32"
+    _legacy_save(ckpts, 2, tree, hashing.leaf_hashes(tree))
+    bad = dict(hashing.leaf_hashes(tree), w=hashing.leaf_hashes(flipped)["w"])
+    _legacy_save(ckpts, 3, tree, bad)
+    for step in (1, 2):
+        got, _ = ckpts.restore(step, tree)
+        assert np.array_equal(got["w"], tree["w"]) and np.array_equal(got["b"]["v"], tree["b"]["v"])
+    with pytest.raises(CheckpointError, match=r"corrupt: array\(s\) w do not match"):
+        ckpts.restore(3, tree)
+    ckpts.close()
