@@ -73,6 +73,13 @@ flags.DEFINE_string(
 flags.DEFINE_string("jax", None, "compare: a jaxrepro run or study directory.")
 flags.DEFINE_bool("study_replay", True, "study: replay the largest drop-off exactly.")
 flags.DEFINE_bool("jobs_only", False, "study: write the job list for a cluster, run nothing.")
+flags.DEFINE_enum(
+    "keep_checkpoints",
+    "all",
+    ["all", "dropoffs"],
+    "study: after the analysis keep every run's checkpoints (all), or only the last one and "
+    "the one before each recorded drop-off (dropoffs: every drop-off stays replayable).",
+)
 flags.DEFINE_string("dataset", None, "prepare: dataset name.")
 flags.DEFINE_string("data_dir", None, "prepare: TFDS data dir (default: $JAXREPRO_DATA_DIR).")
 FLAGS = flags.FLAGS

@@ -394,3 +394,27 @@ def test_engine_runs_in_device_invariant_mode(data_dir, tmp_path):
     )
     with pytest.raises(ConfigError, match="determinism.groups"):
         loop.run(bad, str(tmp_path / "bad"))
+
+
+def test_overhead_bench_speed_runs_and_records_bitwise_meshes(tmp_path):
+    """`python -m jaxrepro.invariant.bench speed` at the smallest size: the JSON it merges."""
+    out = str(tmp_path / "invariant.json")
+    size = ["--batch", "8", "--image_size", "8", "--iters", "1", "--warmup", "1"]
+    cmd = [sys.executable, "-m", "jaxrepro.invariant.bench", "speed", "--out", out, *size]
+    r = subprocess.run(
+        cmd, cwd=REPO, env=_env({"XLA_FLAGS": f"{_FLAG}=8"}), capture_output=True, text=True,
+        timeout=_TIMEOUT,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(out) as f:
+        (entry,) = json.load(f)["speed"].values()
+    assert entry["grouped_states_bitwise_equal_across_meshes"] is True
+    assert set(entry["variants"]) == {"plain_1dev", "grouped_1dev", "plain_8dev", "grouped_8dev"}
+    for v in entry["variants"].values():
+        assert v["step_wall_median_s"] > 0 and v["compile_wall_s"] > 0
+    one = entry["grouped_over_plain"]["1dev"]["step_wall_median_s"]
+    assert one == pytest.approx(
+        entry["variants"]["grouped_1dev"]["step_wall_median_s"]
+        / entry["variants"]["plain_1dev"]["step_wall_median_s"],
+        abs=0.006,  # the JSON rounds ratios to 2 decimals
+    )

@@ -519,3 +519,36 @@ def test_rerun_of_a_finished_study_runs_nothing(real_study, data_dir):
     summary = study.run_study(_config(data_dir), out, vary="aug", seeds="0-2", env=env)
     assert summary["sessions"][-1]["launched"] == []
     assert summary["replay"]["bitwise_equal"]
+
+
+def test_keep_checkpoints_dropoffs_prunes_all_but_the_replayable(real_study, data_dir):
+    """Runs last: it deletes checkpoints of the shared study."""
+    from jaxrepro import replay
+    from jaxrepro.checkpoints import Checkpoints, protected_steps
+
+    out, _, _, _, env = real_study
+    before = {}
+    for name in ("aug0", "aug1", "aug2"):
+        ckpts = Checkpoints(os.path.join(out, "runs", name, "checkpoints"), read_only=True)
+        before[name] = ckpts.steps()
+        ckpts.close()
+    with pytest.raises(ConfigError, match="--keep_checkpoints"):
+        study.run_study(_config(data_dir), out, vary="aug", seeds="0-2", keep_checkpoints="none")
+    summary = study.run_study(
+        _config(data_dir), out, vary="aug", seeds="0-2", env=env, keep_checkpoints="dropoffs"
+    )
+    assert summary["sessions"][-1]["launched"] == []
+    pruned = summary["pruned_checkpoints"]
+    assert sum(len(p["deleted"]) for p in pruned.values()) > 0
+    for name, steps in before.items():
+        workdir = os.path.join(out, "runs", name)
+        events = dropoff.load_dropoffs(workdir)
+        want = protected_steps(steps, [e["step"] for e in events]) | {steps[-1]}
+        assert pruned[name]["kept"] == sorted(want)
+        assert sorted(pruned[name]["kept"] + pruned[name]["deleted"]) == steps
+        ckpts = Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True)
+        assert ckpts.steps() == sorted(want)
+        ckpts.close()
+        for i, e in enumerate(events):  # every drop-off can still be replayed
+            if any(s < e["step"] for s in steps):
+                assert replay.plan(workdir, dropoff=i)["start"] < e["step"]

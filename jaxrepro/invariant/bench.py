@@ -66,7 +66,7 @@ def _variants(args, static, state0, batch, keys) -> dict:
 
 def speed(args) -> dict:
     rng.configure()
-    module_args = argparse.Namespace(**vars(args), steps=1, seed=0, lr=3e-3)
+    module_args = argparse.Namespace(**{**vars(args), "steps": 1, "seed": 0, "lr": 3e-3})
     _, static, state0, batches = check.setup(module_args)
     keys = (rng.factor_root("aug", 0), rng.factor_root("dropout", 0))
     load0 = os.getloadavg()

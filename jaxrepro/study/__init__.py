@@ -68,12 +68,14 @@ __all__ = [
     "parse_vary",
     "plan_runs",
     "prepare_out",
+    "prune_checkpoints",
     "run_study",
     "severity",
     "source_hash",
 ]
 
 log = logging.getLogger("jaxrepro")
+KEEP_CHECKPOINTS = ("all", "dropoffs")
 _ANALYSIS_ONLY = ("study", "report", "__pycache__")
 
 
@@ -114,6 +116,7 @@ def run_study(
     jobs_only: bool = False,
     replay: bool = True,
     replay_metric: str | None = None,
+    keep_checkpoints: str = "all",
     window: int = 5,
     k_last: int = 3,
     n_boot: int = 2000,
@@ -133,6 +136,9 @@ def run_study(
         jobs_only: write OUT/jobs.txt and study.json and run nothing.
         replay: exactly replay the largest drop-off after the runs.
         replay_metric: only consider drop-offs whose metric starts with this (e.g. 'loss').
+        keep_checkpoints: ``all``, or ``dropoffs``: after the analysis (and the replay),
+            delete each finished run's checkpoints but its last one and the one before
+            each of its drop-offs.
         window: steps within which drop-offs of different runs are one event.
         k_last: final metrics also as the mean of the last ``k_last`` evals.
         n_boot: bootstrap resamples.
@@ -146,6 +152,11 @@ def run_study(
     t0, started = time.time(), datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     if not isinstance(parallel, int) or parallel < 1:
         raise ConfigError(f"--parallel must be an integer >= 1, got {parallel!r}")
+    if keep_checkpoints not in KEEP_CHECKPOINTS:
+        raise ConfigError(
+            f"--keep_checkpoints={keep_checkpoints!r}: "
+            f"expected one of {', '.join(KEEP_CHECKPOINTS)}"
+        )
     if not out:
         raise ConfigError("--out is required: the study's directory")
     out = os.path.abspath(out)
@@ -190,6 +201,8 @@ def run_study(
         python=python,
         env=env,
     )
+    if keep_checkpoints == "dropoffs":
+        summary["pruned_checkpoints"] = prune_checkpoints(out, runs)
     end = dict(session, code_at_end=source_hash(), wall_s=round(time.time() - t0, 1))
     sessions = _session(out, end)
     summary["sessions"] = sessions
@@ -201,6 +214,33 @@ def run_study(
     jsonio.write_json(os.path.join(out, "summary.json"), summary)
     report_lib.write_report(out, summary)
     return summary
+
+
+def prune_checkpoints(out: str, runs) -> dict:
+    """Each finished run keeps its last checkpoint and the one before each drop-off.
+
+    Returns ``{run: {"kept": [...], "deleted": [...]}}``; runs that did not finish, or
+    have no checkpoints, are left alone.
+    """
+    from jaxrepro import dropoff as dropoff_lib
+    from jaxrepro.checkpoints import Checkpoints, protected_steps
+
+    result = {}
+    for run in runs:
+        workdir = os.path.join(out, "runs", run.name)
+        ckpt_dir = os.path.join(workdir, "checkpoints")
+        if run_status(out, run) not in FINISHED or not os.path.isdir(ckpt_dir):
+            continue
+        events = [e["step"] for e in dropoff_lib.load_dropoffs(workdir)]
+        ckpts = Checkpoints(ckpt_dir)
+        try:
+            deleted = ckpts.retain(1, 0, protected_steps(ckpts.steps(), events))
+            result[run.name] = {"kept": ckpts.steps(), "deleted": deleted}
+        finally:
+            ckpts.close()
+    total = sum(len(r["deleted"]) for r in result.values())
+    log.info("study: deleted %d checkpoints, kept those before drop-offs and the last", total)
+    return result
 
 
 def _command_line() -> str:
@@ -218,6 +258,7 @@ def main_from_flags(flags, config) -> int:
         parallel=flags.parallel,
         jobs_only=flags.jobs_only,
         replay=getattr(flags, "study_replay", True),
+        keep_checkpoints=getattr(flags, "keep_checkpoints", "all"),
         command=_command_line(),
     )
     if flags.jobs_only:
