@@ -167,7 +167,7 @@ def _print_setup(s: dict) -> None:
     for d in setup.get("differences", []):
         print(f"warning: not the recorded process setup: {d}")
     if dev["replay"] != dev["recorded"]:
-        print(f"on {dev['replay']} devices (the run used {dev['recorded']})")
+        print(f"on {dev['replay']} device(s) (the run used {dev['recorded']})")
     for note in s.get("notes", []):
         print(f"note: {note}")
 

@@ -64,16 +64,18 @@ def conv_impl_override(conv_impl: str):
         layers.conv_matmul = new
 
 
-# Train-step tails: the project's step.py, and step.py with train/update.py's hook.
+# Train-step tails: the project's step.py, and a re-statement of it (``cond``, the same
+# guarded update step.py uses) that can leave out the update norm (``cond-no-update-norm``).
 TAILS = ("project", "cond", "cond-no-update-norm")
 
 
 def train_step_proposed(state, batch, aug_root, dropout_root, *, update_norm=True, **static):
     """``step.train_step`` with its update guarded by ``update.guarded_update``.
 
-    The proposal for train/step.py, measured by ``jaxrepro bench step`` (variant tail
-    'cond'): the same loss, gradients, metrics and non-finite policy, the update under
-    ``lax.cond`` instead of per-leaf selects.
+    What step.py adopted (the update under ``lax.cond`` instead of per-leaf selects),
+    kept for ``jaxrepro bench step`` variants: with ``update_norm=False`` it measures
+    what the update-norm metric costs; the loss, gradients and non-finite policy are
+    step.py's.
     """
     import optax
 

@@ -53,7 +53,7 @@ def test_replay_on_one_device_reexecutes_and_is_bitwise(four_device_run):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert "re-executed under the run's recorded process setup" in r.stdout
-    assert "on 1 devices (the run used 4)" in r.stdout
+    assert "on 1 device(s) (the run used 4)" in r.stdout
     assert "bit for bit" in r.stdout
     with open(os.path.join(four_device_run, "replays", "one", "replay_summary.json")) as f:
         s = json.load(f)
