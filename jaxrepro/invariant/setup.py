@@ -188,7 +188,10 @@ def replay_process_setup(run_dir: str, argv, *, reexec: bool = True) -> dict | N
     record = {"recorded": recorded, "differed": [], "reexecuted": False}
     if REEXEC_ENV in os.environ:  # the re-executed replay
         record.update(differed=json.loads(os.environ[REEXEC_ENV]), reexecuted=True)
-        apply_env_threads()
+        try:
+            apply_env_threads()
+        except ValueError as e:
+            raise WorkdirError(f"cannot recreate the setup recorded in {path}: {e}") from e
         record["differences"] = _relevant(path)
         return record
     differed = _relevant(path)
