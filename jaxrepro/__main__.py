@@ -4,13 +4,14 @@ r"""The command line: ``jaxrepro COMMAND --flags`` (also ``python -m jaxrepro``)
     jaxrepro prepare  --dataset=NAME [--data_dir=DIR]
     jaxrepro dropoffs --workdir=DIR
     jaxrepro replay   --workdir=RUN (--dropoff=I | --from_step=S) [--override k=v ...]
-                      [--skip_batches=N] [--steps=N] [--name=NAME]
+                      [--skip_batches=N] [--steps=N] [--name=NAME] [--devices=N]
     jaxrepro audit    --config=... --steps=N [--out=DIR] [--devices=8 | --devices=2,8]
     jaxrepro study    --config=... --vary=aug --seeds=0-7 --out=DIR [--grid=k=v1,v2]
+                      [--parallel=N] [--keep_checkpoints=all|dropoffs]
     jaxrepro port     --arch=resnet50 --torch=FILE --out=DIR
     jaxrepro torch_train --config=... --workdir=DIR   (the PyTorch reference run)
     jaxrepro compare  --jax=RUN_OR_STUDY --torch=PATH --out=DIR
-    jaxrepro bench    step|checkpoint|... [--out=results/bench]
+    jaxrepro bench    step|startup|e2e|memory|all [key=value ...] [--out=results/bench]
 
 Errors in the user's input print one line naming the problem and exit with status 2.
 """
