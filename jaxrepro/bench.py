@@ -17,9 +17,9 @@ How ``step`` measures (the machine may be shared, so nothing is timed alone):
   statistics, the non-finite guard and the metrics), on a batch already on the device,
   augmentation off (PyTorch gets a ready float batch too). ``variants=conv/bn[/tail]``
   adds JAX steps timed in the same rounds: another conv/bn impl, the convolution before
-  its hand-written backward (``matmul-autodiff``), or a re-statement of step.py's
-  ``lax.cond`` update (tail ``cond``, the same as step.py now; ``cond-no-update-norm``
-  leaves out the update's norm, to measure what that metric costs).
+  its hand-written backward (``matmul-autodiff``), or step.py without its update-norm
+  metric (tail ``cond-no-update-norm``, to measure what that metric costs; tail ``cond``
+  is step.py as it is, the name kept for older commands).
 * PyTorch: ``jaxrepro.compare.torch_resnet`` (the same architecture), ``torch.optim.Adam``
   with the same hyperparameters, ``torch.set_num_threads(threads)``; XLA's CPU thread
   pool is left as it is (one thread per core), and ``threads`` defaults to the cores.

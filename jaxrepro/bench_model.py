@@ -64,74 +64,18 @@ def conv_impl_override(conv_impl: str):
         layers.conv_matmul = new
 
 
-# Train-step tails: the project's step.py, and a re-statement of it (``cond``, the same
-# guarded update step.py uses) that can leave out the update norm (``cond-no-update-norm``).
+# Train-step tails: the project's step.py, the same (``cond``: the guarded update step.py
+# uses), and step.py without the update-norm metric, to measure what it costs.
 TAILS = ("project", "cond", "cond-no-update-norm")
-
-
-def train_step_proposed(state, batch, aug_root, dropout_root, *, update_norm=True, **static):
-    """``step.train_step`` with its update guarded by ``update.guarded_update``.
-
-    What step.py adopted (the update under ``lax.cond`` instead of per-leaf selects),
-    kept for ``jaxrepro bench step`` variants: with ``update_norm=False`` it measures
-    what the update-norm metric costs; the loss, gradients and non-finite policy are
-    step.py's.
-    """
-    import optax
-
-    from jaxrepro.data import augment as augment_lib
-    from jaxrepro.train import step as step_lib
-    from jaxrepro.train.update import guarded_update
-
-    module, tx, policy = static["module"], static["tx"], static["policy"]
-    del dropout_root
-    images = augment_lib.augment_batch(
-        aug_root, batch["image"], batch["epoch"], batch["id"], static["augment_cfg"]
-    )
-    x = step_lib.normalize(images, static["mean"], static["std"])
-    labels = batch["label"]
-
-    def loss_fn(params):
-        variables = {"params": params, "batch_stats": state.batch_stats}
-        logits, new_vars = module.apply(variables, x, train=True, mutable=["batch_stats"])
-        return step_lib._cross_entropy(logits, labels).mean(), (logits, new_vars["batch_stats"])
-
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    apply = finite if policy == "skip" else finite & (state.nonfinite == 0)
-    params, opt_state, unorm = guarded_update(
-        tx, state.params, state.opt_state, grads, apply, update_norm=update_norm
-    )
-    new_state = step_lib.TrainState(
-        step=state.step + 1, params=params, opt_state=opt_state,
-        batch_stats=jax.tree.map(lambda n, o: jnp.where(apply, n, o), batch_stats,
-                                 state.batch_stats),
-        nonfinite=state.nonfinite + (~apply).astype(jnp.int32),
-    )  # fmt: skip
-    metrics = {
-        "loss": loss, "grad_norm": grad_norm, "update_norm": unorm,
-        "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
-        "param_norm": optax.tree.norm(params),
-        "lr": static["lr_fn"](state.step - static["phase_start"]),
-        "finite": finite, "applied": apply,
-        "input_mean": jnp.mean(x, axis=(0, 1, 2)), "input_std": jnp.std(x, axis=(0, 1, 2)),
-    }  # fmt: skip
-    return new_state, metrics
 
 
 def make_train_step_for(tail: str, **static):
     """The jitted train step of ``tail`` (see ``TAILS``), state donated like step.py's."""
-    import functools
-
     from jaxrepro.train.step import make_train_step
 
-    if tail == "project":
-        return make_train_step(**static)
     if tail not in TAILS:
         raise ValueError(f"unknown train-step tail {tail!r}; valid: {', '.join(TAILS)}")
-    fn = functools.partial(train_step_proposed, update_norm=tail == "cond", **static)
-    return jax.jit(fn, donate_argnums=(0,))
+    return make_train_step(**static, update_norm=tail != "cond-no-update-norm")
 
 
 def synthetic_variables(model, image_size: int, seed: int = 0) -> dict:

@@ -30,8 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxrepro.data import augment as augment_lib
 from jaxrepro.invariant import grouped_model, reduce
-from jaxrepro.train.step import TrainState, normalize
-from jaxrepro.train.update import guarded_update
+from jaxrepro.train.step import TrainState, apply_step, normalize
 
 AXIS = "data"
 POLICIES = ("skip", "stop")
@@ -56,10 +55,6 @@ def check_layout(batch_size: int, groups: int, devices: int) -> int:
 def _split(x: jax.Array, parts: int) -> list[jax.Array]:
     size = x.shape[0] // parts
     return [x[i * size : (i + 1) * size] for i in range(parts)]
-
-
-def _select(pred, new, old):
-    return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
 
 
 def _input_stats(xs, axis_name, count: int):
@@ -142,28 +137,18 @@ def invariant_train_step(
         for lg, lb in zip(logits, labels, strict=True)
     ]
     accuracy = reduce.combine(hits, axis_name).astype(jnp.float32) / batch_size
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    apply = finite if policy == "skip" else finite & (state.nonfinite == 0)
-    params, opt_state, update_norm = guarded_update(tx, state.params, state.opt_state, grads, apply)
-    new_state = TrainState(
-        step=state.step + 1,
-        params=params,
-        batch_stats=_select(apply, batch_stats, state.batch_stats),
-        opt_state=opt_state,
-        nonfinite=state.nonfinite + (~apply).astype(jnp.int32),
-    )
+    new_state, tail = apply_step(state, loss, grads, batch_stats, tx=tx, policy=policy)
     pixels = batch_size * xs[0].shape[1] * xs[0].shape[2]
     input_mean, input_std = _input_stats(xs, axis_name, pixels)
     metrics = {
         "loss": loss,
         "accuracy": accuracy,
-        "grad_norm": grad_norm,
-        "update_norm": update_norm,
+        "grad_norm": tail["grad_norm"],
+        "update_norm": tail["update_norm"],
         "param_norm": optax.tree.norm(new_state.params),
         "lr": lr_fn(state.step - phase_start),
-        "finite": finite,
-        "applied": apply,
+        "finite": tail["finite"],
+        "applied": tail["applied"],
         "input_mean": input_mean,
         "input_std": input_std,
     }

@@ -45,6 +45,38 @@ def _select(pred, new, old):
     return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
 
 
+def apply_step(state, loss, grads, batch_stats, *, tx, policy: str, update_norm: bool = True):
+    """The end of every train step: the non-finite guard, the update, the new state.
+
+    The update is taken when the loss and the gradients are finite (and, with policy
+    'stop', no earlier step was skipped); else params, opt_state and batch_stats stay as
+    they were and the skip is counted. The update runs under ``lax.cond``, not per-leaf
+    selects: the skipped branch costs nothing and the taken one updates the donated Adam
+    state in place (train/update.py).
+
+    Returns ``(new_state, {"grad_norm", "update_norm", "finite", "applied"})``.
+    """
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    apply = finite if policy == "skip" else finite & (state.nonfinite == 0)
+    params, opt_state, norm = guarded_update(
+        tx, state.params, state.opt_state, grads, apply, update_norm=update_norm
+    )
+    new_state = TrainState(
+        step=state.step + 1,
+        params=params,
+        batch_stats=_select(apply, batch_stats, state.batch_stats),
+        opt_state=opt_state,
+        nonfinite=state.nonfinite + (~apply).astype(jnp.int32),
+    )
+    return new_state, {
+        "grad_norm": grad_norm,
+        "update_norm": norm,
+        "finite": finite,
+        "applied": apply,
+    }
+
+
 def train_step(
     state: TrainState,
     batch: dict,
@@ -59,12 +91,14 @@ def train_step(
     mean,
     std,
     policy: str,
+    update_norm: bool = True,
 ):
     """One optimizer step on ``batch`` (uint8 images, labels, example ids, epochs).
 
     A non-finite loss or gradient leaves params, opt_state and batch_stats unchanged.
     With policy 'stop', every later step is a no-op too, so the state stays the last good
-    one until the host stops the run; with 'skip' training goes on.
+    one until the host stops the run; with 'skip' training goes on. ``update_norm=False``
+    leaves out the update's norm (logged as NaN; ``jaxrepro bench step`` measures its cost).
     """
     del dropout_root  # ResNets have no dropout; the key is threaded for models that do
     images = augment_lib.augment_batch(
@@ -80,28 +114,18 @@ def train_step(
         return loss, (logits, new_vars["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    apply = finite if policy == "skip" else finite & (state.nonfinite == 0)
-    # Under lax.cond, not per-leaf selects: the skipped branch costs nothing and the taken
-    # one updates the donated Adam state in place (train/update.py).
-    params, opt_state, update_norm = guarded_update(tx, state.params, state.opt_state, grads, apply)
-    new_state = TrainState(
-        step=state.step + 1,
-        params=params,
-        batch_stats=_select(apply, batch_stats, state.batch_stats),
-        opt_state=opt_state,
-        nonfinite=state.nonfinite + (~apply).astype(jnp.int32),
+    new_state, tail = apply_step(
+        state, loss, grads, batch_stats, tx=tx, policy=policy, update_norm=update_norm
     )
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
-        "grad_norm": grad_norm,
-        "update_norm": update_norm,
+        "grad_norm": tail["grad_norm"],
+        "update_norm": tail["update_norm"],
         "param_norm": optax.tree.norm(new_state.params),
         "lr": lr_fn(state.step - phase_start),
-        "finite": finite,
-        "applied": apply,
+        "finite": tail["finite"],
+        "applied": tail["applied"],
         # What the model actually saw, per channel: catches a forgotten normalisation.
         "input_mean": jnp.mean(x, axis=(0, 1, 2)),
         "input_std": jnp.std(x, axis=(0, 1, 2)),
