@@ -13,6 +13,7 @@ import subprocess
 import time
 
 from jaxrepro.errors import JaxreproError
+from jaxrepro.sigterm import SigtermFlag
 from jaxrepro.study.plan import Run, job_argv, log_path
 
 log = logging.getLogger("jaxrepro")
@@ -20,25 +21,6 @@ log = logging.getLogger("jaxrepro")
 
 class StudyInterrupted(JaxreproError):
     """SIGTERM reached the study: its runs were stopped at a checkpoint."""
-
-
-class _SigtermAsError:
-    """While the pool runs, SIGTERM (a cluster's preemption) stops it cleanly."""
-
-    def __enter__(self):
-        self.requested, self._old = False, None
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
 
 
 def _stop(running: dict) -> None:
@@ -58,7 +40,7 @@ def run_pool(out: str, runs: list[Run], parallel: int, python=None, env=None) ->
     """Runs ``runs`` as separate processes, ``parallel`` at a time; name -> exit code."""
     pending, running, codes = list(runs), {}, {}
     environ = dict(os.environ, **(env or {}))
-    with _SigtermAsError() as term:
+    with SigtermFlag() as term:  # a cluster's preemption stops the pool cleanly
         try:
             while pending or running:
                 if term.requested:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import signal
 import time
 
 import jax
@@ -31,6 +30,7 @@ from jaxrepro import hashing, jsonio, parallel, rng
 from jaxrepro.checkpoints import Checkpoints, protected_steps
 from jaxrepro.data import order as order_lib
 from jaxrepro.errors import CheckpointError, ConfigError, JaxreproError, WorkdirError
+from jaxrepro.sigterm import SigtermFlag
 from jaxrepro.train import runinfo
 from jaxrepro.train import state as state_lib
 from jaxrepro.train.step import make_eval_step, make_train_step
@@ -120,28 +120,6 @@ def train_row(phase, step: int, epoch, m) -> dict:
     if not m["applied"]:
         row["skipped"] = True
     return row
-
-
-class _Sigterm:
-    """SIGTERM (SLURM/TPU preemption) asks the loop to checkpoint and exit cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = None
-
-    def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            self._old = None
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -518,7 +496,7 @@ class Runner:
         self.metrics = metrics
         self.pending = None
         status, t_start, last_print, done_steps = "running", time.perf_counter(), 0.0, 0
-        with _Sigterm() as sigterm:
+        with SigtermFlag() as sigterm:  # preemption: checkpoint, exit cleanly
             s, stopping = start, False
             while s < self.end:
                 phase = self.phase_of(s)
