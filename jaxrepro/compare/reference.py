@@ -233,27 +233,12 @@ class TorchTrainer:
                 y = torch.from_numpy(np.asarray(labels, np.int64))
                 loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
                 correct += float((logits.argmax(-1) == y).float().sum())
-            rows.append(
-                {
-                    "kind": "eval",
-                    "step": step,
-                    "phase": phase.name,
-                    "phase_step": step - phase.start,
-                    "split": split,
-                    "loss": loss_sum / n,
-                    "accuracy": correct / n,
-                    "n": n,
-                }
-            )
+            rows.append(loop.eval_row(phase, step, split, loss_sum, correct, n))
         return rows
 
     def flax_variables(self) -> dict:
         """The model's current weights in Flax layout (for hashes and distances)."""
         return torch_port.torch_to_flax(self.model.state_dict(), self.config.model.name)
-
-
-def _train_row(phase, step, epoch, m) -> dict:
-    return loop.train_row(phase, step, epoch, m)  # the engine's row schema, one definition
 
 
 def _due(every: int, phase_step: int) -> bool:
@@ -300,7 +285,7 @@ def _loop(trainer: TorchTrainer, runner, metrics: MetricsWriter) -> tuple[str, i
         batch = runner.batch(phase, s)
         m = trainer.step(phase, batch, s)
         if _logged(phase, s):
-            _write(metrics, [_train_row(phase, s, batch["epoch"][0], m)])
+            _write(metrics, [loop.train_row(phase, s, batch["epoch"][0], m)])
         if stop and not m["finite"] and halted_at is None:
             halted_at, trainer.halted = s, True
         s += 1

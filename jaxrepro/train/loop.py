@@ -105,6 +105,20 @@ def make_phases(config, data: Data, conv_impl: str) -> list[state_lib.Phase]:
     return phases
 
 
+def eval_row(phase, step: int, split: str, loss_sum, correct, n: int) -> dict:
+    """The metrics.jsonl row of an eval of ``split`` at ``step``, from sums over its n examples."""
+    return {
+        "kind": "eval",
+        "step": step,
+        "phase": phase.name,
+        "phase_step": step - phase.start,
+        "split": split,
+        "loss": float(loss_sum / n),
+        "accuracy": float(correct / n),
+        "n": n,
+    }
+
+
 def train_row(phase, step: int, epoch, m) -> dict:
     """The metrics.jsonl row of train step ``step`` from the step's fetched metrics."""
     row = {
@@ -396,19 +410,9 @@ class Runner:
                     for b in self._eval_batches_of(split, src)
                 ]
             sums = jax.device_get(sums)
-            n = len(src)
-            rows.append(
-                {
-                    "kind": "eval",
-                    "step": step,
-                    "phase": phase.name,
-                    "phase_step": step - phase.start,
-                    "split": split,
-                    "loss": float(sum(s["loss_sum"] for s in sums) / n),
-                    "accuracy": float(sum(s["correct"] for s in sums) / n),
-                    "n": n,
-                }
-            )
+            loss_sum = sum(s["loss_sum"] for s in sums)
+            correct = sum(s["correct"] for s in sums)
+            rows.append(eval_row(phase, step, split, loss_sum, correct, len(src)))
         return rows
 
     # -- the loop
