@@ -28,16 +28,25 @@ def load(name: str, variant: str | None = None, data_dir: str | None = None, **o
     return config
 
 
+# The digits smoke config shortened further: 8 pretrain + 6 fine-tune steps.
+TINY = {
+    "pretrain.steps": 8,
+    "finetune.steps": 6,
+    "pretrain.eval_every": 4,
+    "finetune.eval_every": 3,
+    "checkpoint.every": 4,
+    "runtime.progress_every_s": 1e9,
+}
+# The same config as command-line flags (add --config.data.data_dir=...).
+TINY_FLAGS = [
+    "--config=configs/digits.py:smoke",
+    *(f"--config.{k}={v}" for k, v in TINY.items()),
+]
+
+
 def tiny_digits(data_dir: str, **overrides):
     """The digits smoke config, shortened further: 8 pretrain + 6 fine-tune steps."""
-    base = {
-        "pretrain.steps": 8,
-        "finetune.steps": 6,
-        "pretrain.eval_every": 4,
-        "finetune.eval_every": 3,
-        "checkpoint.every": 4,
-        "runtime.progress_every_s": 1e9,
-    }
+    base = dict(TINY)
     base.update({k.replace("__", "."): v for k, v in overrides.items()})
     config = load("digits", "smoke", data_dir)
     for k, v in base.items():
@@ -59,3 +68,14 @@ def rows_equal(a: list[dict], b: list[dict]) -> bool:
             if x != y:
                 return False
     return True
+
+
+def snapshot(path: str) -> dict:
+    """Every file under ``path`` (relative name -> bytes): to check nothing was written."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(root, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, path)] = fh.read()
+    return out

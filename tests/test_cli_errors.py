@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO, set_dotted, tiny_digits
+from helpers import REPO, set_dotted, snapshot, tiny_digits
 
 from jaxrepro import config as config_lib
 from jaxrepro.errors import ConfigError, WorkdirError
@@ -25,16 +25,6 @@ def cli(*args, env_extra=None, timeout=300):
         env=env,
         timeout=timeout,
     )
-
-
-def _snapshot(path):
-    out = {}
-    for root, _, files in os.walk(path):
-        for f in files:
-            p = os.path.join(root, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, path)] = fh.read()
-    return out
 
 
 @pytest.mark.parametrize(
@@ -122,13 +112,13 @@ def test_unknown_command_and_missing_flags(tmp_path):
 def test_workdir_with_another_config_is_refused_and_untouched(data_dir, tmp_path):
     path = tmp_path / "run"
     loop.run(tiny_digits(data_dir, **{"pretrain.steps": 2, "finetune.steps": 1}), str(path))
-    before = _snapshot(path)
+    before = snapshot(path)
     other = tiny_digits(data_dir, **{"pretrain.steps": 2, "finetune.steps": 1, "seed": 3})
     other.optimizer.lr = 1e-4
     with pytest.raises(WorkdirError) as e:
         loop.run(other, str(path))
     assert "seed" in str(e.value) and "optimizer.lr" in str(e.value)
-    assert _snapshot(path) == before
+    assert snapshot(path) == before
     r = cli(
         "train",
         "--config=configs/digits.py:smoke",
@@ -136,7 +126,7 @@ def test_workdir_with_another_config_is_refused_and_untouched(data_dir, tmp_path
         f"--config.data.data_dir={data_dir}",
     )
     assert r.returncode == 2 and "different config" in r.stderr and "pretrain.steps" in r.stderr
-    assert _snapshot(path) == before
+    assert snapshot(path) == before
 
 
 def test_non_run_directory_is_refused(data_dir, tmp_path):

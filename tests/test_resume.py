@@ -11,23 +11,13 @@ import time
 
 import numpy as np
 import pytest
-from helpers import REPO, rows_equal, tiny_digits
+from helpers import REPO, TINY_FLAGS, rows_equal, tiny_digits
 
 from jaxrepro import jsonio
 from jaxrepro.checkpoints import Checkpoints
 from jaxrepro.errors import CheckpointError
 from jaxrepro.train import loop
 from jaxrepro.workdir import Workdir
-
-TINY_FLAGS = [
-    "--config=configs/digits.py:smoke",
-    "--config.pretrain.steps=8",
-    "--config.finetune.steps=6",
-    "--config.pretrain.eval_every=4",
-    "--config.finetune.eval_every=3",
-    "--config.checkpoint.every=4",
-    "--config.runtime.progress_every_s=1e9",
-]
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from helpers import REPO, tiny_digits
+from helpers import REPO, TINY_FLAGS, snapshot, tiny_digits
 
 from jaxrepro import config as config_lib
 from jaxrepro import dropoff, jsonio, rng, study
@@ -30,32 +30,13 @@ SENSITIVE = {
     "dropoff.loss.z_threshold": 1.0,
     "dropoff.loss.min_ratio": 1.02,
 }
-CLI_FLAGS = [
-    "--config=configs/digits.py:smoke",
-    "--config.pretrain.steps=8",
-    "--config.finetune.steps=6",
-    "--config.pretrain.eval_every=4",
-    "--config.finetune.eval_every=3",
-    "--config.checkpoint.every=4",
-    "--config.runtime.progress_every_s=1e9",
-    *(f"--config.{k}={v}" for k, v in SENSITIVE.items()),
-]
+CLI_FLAGS = [*TINY_FLAGS, *(f"--config.{k}={v}" for k, v in SENSITIVE.items())]
 
 
 def _config(data_dir, **overrides):
     return tiny_digits(
         data_dir, **{k.replace(".", "__"): v for k, v in SENSITIVE.items()}, **overrides
     )
-
-
-def _snapshot(path) -> dict:
-    out = {}
-    for root, _, files in os.walk(path):
-        for f in files:
-            p = os.path.join(root, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, path)] = fh.read()
-    return out
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -181,7 +162,7 @@ def test_jobs_only_writes_jobs_and_runs_nothing(data_dir, tmp_path):
 def test_out_holding_another_study_is_refused(data_dir, tmp_path):
     out = str(tmp_path / "s")
     study.run_study(_config(data_dir), out, vary="aug", seeds="0-2", jobs_only=True)
-    before = _snapshot(out)
+    before = snapshot(out)
     cases = [
         (dict(config=_config(data_dir), vary="aug", seeds="0-3"), "seeds ([0, 1, 2] there"),
         (dict(config=_config(data_dir), vary="data", seeds="0-2"), "vary (['aug'] there"),
@@ -198,7 +179,7 @@ def test_out_holding_another_study_is_refused(data_dir, tmp_path):
         with pytest.raises(WorkdirError, match="holds another study") as e:
             study.run_study(kw.pop("config"), out, jobs_only=True, **kw)
         assert needle in str(e.value)
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
     # The same study (another data_dir, which does not change results) is accepted.
     study.run_study(_config(data_dir), out, vary="aug", seeds="0-2", jobs_only=True)
     other = tmp_path / "not_a_study"
@@ -447,7 +428,7 @@ def real_study(data_dir, tmp_path_factory):
     proc.wait()
     proc.stderr.close()
     at_kill = {n: _status(out, n) for n in ("aug0", "aug1", "aug2")}
-    first = _snapshot(os.path.join(out, "runs", "aug0"))
+    first = snapshot(os.path.join(out, "runs", "aug0"))
     summary = study.run_study(_config(data_dir), out, vary="aug", seeds="0-2", parallel=2, env=env)
     return out, summary, at_kill, first, env
 
@@ -459,7 +440,7 @@ def test_resumed_study_skips_finished_runs(real_study):
     assert session["launched"] == [n for n, s in at_kill.items() if s not in study.FINISHED]
     assert session["failed"] == [] and summary["missing_runs"] == []
     assert {n: _status(out, n) for n in at_kill} == dict.fromkeys(at_kill, "done")
-    after = _snapshot(os.path.join(out, "runs", "aug0"))
+    after = snapshot(os.path.join(out, "runs", "aug0"))
     for name in ("metrics.jsonl", "run.json", "config.json"):
         assert after[name] == first[name], name
 
