@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from jaxrepro import config as config_lib
-from jaxrepro import hashing, jsonio
+from jaxrepro import jsonio
 from jaxrepro.checkpoints import Checkpoints
 from jaxrepro.errors import ConfigError, JaxreproError
 from jaxrepro.replay import compare
@@ -150,23 +150,14 @@ def divergence(rows_a: list[dict], rows_b: list[dict]) -> dict:
 
 def final_arrays(path: str) -> dict[str, np.ndarray]:
     """Every array of a run's latest checkpoint, as numpy, keyed by path (any device count)."""
-    import orbax.checkpoint as ocp
-
     ckpts = Checkpoints(os.path.join(path, "checkpoints"), read_only=True)
     try:
         step = ckpts.latest_step()
+        if step is None:
+            raise JaxreproError(f"{path} has no checkpoint to compare")
+        return ckpts.arrays(step)
     finally:
         ckpts.close()
-    if step is None:
-        raise JaxreproError(f"{path} has no checkpoint to compare")
-    item = os.path.join(path, "checkpoints", str(step), "state")
-    checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(item).item_metadata.tree
-    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    out = checkpointer.restore(item, restore_args=args)
-    return {
-        hashing.path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(out)[0]
-    }
 
 
 def array_divergence(a: dict, b: dict, prefix: str = "params/") -> dict:

@@ -230,3 +230,62 @@ def test_manifest_checksums_new_and_legacy(tmp_path):
     with pytest.raises(CheckpointError, match=r"corrupt: array\(s\) w do not match"):
         ckpts.restore(3, tree)
     ckpts.close()
+
+
+def test_state_is_saved_packed_and_read_back_in_both_layouts(tmp_path):
+    import jax
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    from jaxrepro import checkpoints as ckpt_lib
+    from jaxrepro import hashing
+
+    tree = {
+        "w": jnp.arange(12.0).reshape(3, 4),
+        "b": {"v": jnp.ones(5, jnp.int32), "s": jnp.asarray(7, jnp.int32)},
+        "z": jnp.zeros((0, 3)),
+        "u": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3),
+        "e": jnp.zeros((2, 0), jnp.uint8),  # a dtype with nothing to store
+    }
+    legacy = {k: v for k, v in tree.items() if k not in ("z", "e")}  # orbax: no empty arrays
+    ckpts = Checkpoints(str(tmp_path / "ck"))
+    ckpts.save(1, tree, {})
+    _legacy_save(ckpts, 2, legacy, hashing.leaf_hashes(legacy))
+    ckpts.wait()
+    # on disk: one flat array per dtype, in the order the layout lists
+    meta = ckpts.meta(1)
+    assert meta["layout"]["format"] == ckpt_lib.LAYOUT
+    assert meta["layout"]["order"] == {
+        "float32": ["u", "w", "z"],
+        "int32": ["b/s", "b/v"],
+        "uint8": ["e"],
+    }
+    raw = ocp.PyTreeCheckpointer().restore(str(tmp_path / "ck" / "1" / "state"))
+    assert sorted(raw) == ["float32", "int32"]
+    np.testing.assert_array_equal(
+        raw["float32"], np.concatenate([np.ravel(tree[k]) for k in ("u", "w", "z")])
+    )
+    np.testing.assert_array_equal(raw["int32"], [7, 1, 1, 1, 1, 1])
+    for step, saved in ((1, tree), (2, legacy)):  # packed; one array per leaf (older)
+        want = {
+            hashing.path_str(p): np.asarray(x)
+            for p, x in jax.tree_util.tree_flatten_with_path(saved)[0]
+        }
+        arrays = ckpts.arrays(step)
+        got, _ = ckpts.restore(step, saved)
+        got = {hashing.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(got)[0]}
+        assert sorted(arrays) == sorted(got) == sorted(want)
+        for k, x in want.items():
+            for y in (arrays[k], got[k]):
+                assert y.dtype == x.dtype and y.shape == x.shape and np.array_equal(y, x), k
+    assert sorted(ckpts.arrays(1)) == ["b/s", "b/v", "e", "u", "w", "z"]
+    # a layout this version does not know is refused by name
+    bad = dict(meta, layout={"format": "packed-v9", "order": meta["layout"]["order"]})
+    ckpts._mngr.save(
+        3,
+        args=ocp.args.Composite(state=ocp.args.PyTreeSave(raw), meta=ocp.args.JsonSave(bad)),
+    )
+    ckpts.wait()
+    with pytest.raises(CheckpointError, match="unknown layout 'packed-v9'"):
+        ckpts.restore(3, tree)
+    ckpts.close()
