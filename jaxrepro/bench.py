@@ -446,6 +446,9 @@ def _jobs(sub: str, words: list[str]):
             parse_options(words, bench_runs.STARTUP_DEFAULTS)
         ),
         "e2e": lambda: bench_runs.bench_e2e(parse_options(words, bench_runs.E2E_DEFAULTS)),
+        "checkpoint": lambda: bench_runs.bench_checkpoint(
+            parse_options(words, bench_runs.CHECKPOINT_DEFAULTS)
+        ),
         "memory": lambda: bench_runs.bench_memory(parse_options(words, bench_runs.MEMORY_DEFAULTS)),
     }
     if sub == "all":
@@ -467,6 +470,7 @@ def _validate_words(sub: str, words: list[str]) -> None:
         "step": STEP_DEFAULTS,
         "startup": bench_runs.STARTUP_DEFAULTS,
         "e2e": bench_runs.E2E_DEFAULTS,
+        "checkpoint": bench_runs.CHECKPOINT_DEFAULTS,
         "memory": bench_runs.MEMORY_DEFAULTS,
     }[sub]
     opts = parse_options(words, defaults)

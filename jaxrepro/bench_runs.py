@@ -11,6 +11,12 @@
   same compiled step called back to back on a device-resident batch; the same run with
   ``checkpoint.every=0``; and ``replay.replay`` of k steps against the original k steps.
   Rounds alternate the variants.
+* ``checkpoint``: the cost of one save of the config's train state (params, batch
+  statistics, Adam moments) as the loop writes it (packed: one array per dtype) and one
+  orbax array per leaf (the layout before packing), alternated: the time the caller is
+  held, the time to the save's end, the process CPU time over that span (orbax's
+  threads included: on a 2-core machine, time taken from training), and a restore,
+  checked bit for bit.
 * ``memory``: peak resident memory (``ru_maxrss`` of the child, from ``wait4``) of whole
   ``jaxrepro train`` runs.
 
@@ -47,6 +53,7 @@ E2E_DEFAULTS = {
     "replay_from": 0,  # 0: the last checkpoint before the end
     "data_dir": "",
 }
+CHECKPOINT_DEFAULTS = {"config": "configs/digits.py", "set": "", "rounds": 4, "data_dir": ""}
 MEMORY_DEFAULTS = {"configs": "configs/digits.py:smoke,configs/digits.py", "data_dir": ""}
 INIT_CHOICES = ("module", "fast", "both")
 
@@ -411,6 +418,70 @@ def _e2e_summary(opts, config, rounds) -> dict:
         "replay_over_original": _median(rounds["replay"], "replay_over_original"),
         "rounds": rounds,
     }  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- checkpoint
+
+CHECKPOINT_LAYOUTS = ("packed", "leaves")
+
+
+def bench_checkpoint(opts: dict) -> dict:
+    """Save and restore cost of the config's initial train state, per layout, alternated."""
+    import jax
+    import numpy as np
+
+    from jaxrepro import hashing
+    from jaxrepro.bench import machine_info
+    from jaxrepro.checkpoints import Checkpoints
+    from jaxrepro.train import loop
+    from jaxrepro.workdir import Workdir
+
+    if opts["rounds"] < 1:
+        raise ValueError(f"bench option rounds must be >= 1, got {opts['rounds']}")
+    config = load_config(opts["config"], opts["set"], opts["data_dir"])
+    rounds = {layout: [] for layout in CHECKPOINT_LAYOUTS}
+    with tempfile.TemporaryDirectory(prefix="jaxrepro-ckpt-") as tmp:
+        state = loop.Runner(config, Workdir(os.path.join(tmp, "w")), resuming=False).init_state()
+        state = jax.block_until_ready(state)
+        want = hashing.leaf_hashes(state)
+        for r in range(opts["rounds"]):
+            for layout in CHECKPOINT_LAYOUTS:
+                ckpts = Checkpoints(os.path.join(tmp, f"{layout}{r}"))
+                t0, c0 = time.perf_counter(), os.times()
+                ckpts.save(1, state, {}, packed=layout == "packed")
+                t1 = time.perf_counter()
+                ckpts.wait()
+                t2, c2 = time.perf_counter(), os.times()
+                got, _ = ckpts.restore(1, state)
+                got = jax.block_until_ready(got)
+                t3 = time.perf_counter()
+                if hashing.leaf_hashes(got) != want:
+                    raise RuntimeError(f"{layout} checkpoint did not restore bit for bit")
+                ckpts.close()
+                rounds[layout].append({
+                    "save_held_s": t1 - t0, "save_total_s": t2 - t0,
+                    "save_cpu_s": (c2.user - c0.user) + (c2.system - c0.system),
+                    "save_user_s": c2.user - c0.user, "save_system_s": c2.system - c0.system,
+                    "restore_s": t3 - t2,
+                })  # fmt: skip
+                shutil.rmtree(ckpts.directory, ignore_errors=True)
+    leaves = jax.tree.leaves(state)
+    keys = ("save_held_s", "save_total_s", "save_cpu_s", "restore_s")
+    out = {
+        "kind": "checkpoint", "options": opts, "machine": machine_info(),
+        "state": {"model": config.model.name, "arrays": len(leaves),
+                  "mib": sum(np.asarray(x).nbytes for x in leaves) / 2**20},
+        "median": {lay: {k: _median(rows, k) for k in keys} for lay, rows in rounds.items()},
+        # per round: leaves / packed (> 1: what packing saves)
+        "leaves_over_packed": {
+            k: statistics.median(
+                b[k] / a[k] for a, b in zip(rounds["packed"], rounds["leaves"], strict=True)
+            )
+            for k in keys
+        },
+        "rounds": rounds,
+    }  # fmt: skip
+    return out
 
 
 # ----------------------------------------------------------------------------- memory

@@ -79,34 +79,35 @@ class Checkpoints:
         return before[-1] if before else None
 
     # -- saving
-    def save(self, step: int, state, meta: dict) -> None:
+    def save(self, step: int, state, meta: dict, *, packed: bool = True) -> None:
         """Starts an async save; ``wait()`` before relying on it (and before exit).
 
         Blocks until the state is computed (the manifest needs its bytes), not for the
         write; the packed copy is the save's own, so the caller may donate ``state``.
+        ``packed=False`` writes one orbax array per leaf, the layout before packing (for
+        ``jaxrepro bench checkpoint``; the caller must not donate ``state`` before
+        ``wait()``, as orbax copies it asynchronously).
         """
         tree = serialization.to_state_dict(state)
-        order = _order(tree)
-        # orbax refuses empty arrays: a dtype whose leaves are all empty is in the layout only
-        packed = _pack({dt: tuple(xs) for dt, (_, xs) in order.items() if sum(x.size for x in xs)})
         shapes = _shapes(tree)
-        host = _unpack_host(
-            {dt: np.asarray(packed[dt]) if dt in packed else np.zeros(0, dt) for dt in order},
-            {dt: names for dt, (names, _) in order.items()},
-            shapes,
-        )
-        meta = dict(
-            meta,
-            step=int(step),
-            manifest=hashing.leaf_checksums(host, MANIFEST_ALGO),
-            manifest_algo=MANIFEST_ALGO,
-            shapes=shapes,
-            layout={"format": LAYOUT, "order": {dt: names for dt, (names, _) in order.items()}},
-        )
+        meta = dict(meta, step=int(step), manifest_algo=MANIFEST_ALGO, shapes=shapes)
+        if packed:
+            order = _order(tree)
+            names = {dt: names for dt, (names, _) in order.items()}
+            # orbax refuses empty arrays: a dtype whose leaves are all empty is in the layout
+            stored = _pack({dt: tuple(xs) for dt, (_, xs) in order.items() if _nonempty(xs)})
+            host = {dt: np.asarray(stored[dt]) if dt in stored else np.zeros(0, dt) for dt in order}
+            meta["manifest"] = hashing.leaf_checksums(
+                _unpack_host(host, names, shapes), MANIFEST_ALGO
+            )
+            meta["layout"] = {"format": LAYOUT, "order": names}
+        else:
+            stored = tree
+            meta["manifest"] = hashing.leaf_checksums(tree, MANIFEST_ALGO)
         self._mngr.save(
             int(step),
             args=ocp.args.Composite(
-                state=ocp.args.PyTreeSave(packed), meta=ocp.args.JsonSave(meta)
+                state=ocp.args.PyTreeSave(stored), meta=ocp.args.JsonSave(meta)
             ),
         )
 
@@ -263,6 +264,10 @@ def _order(tree) -> dict[str, tuple[list[str], list]]:
 @jax.jit
 def _pack(groups: dict) -> dict:
     return {dt: jnp.concatenate([jnp.ravel(x) for x in xs]) for dt, xs in groups.items()}
+
+
+def _nonempty(leaves) -> bool:
+    return any(x.size for x in leaves)
 
 
 def _size(shape) -> int:

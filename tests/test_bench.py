@@ -9,6 +9,7 @@ import os
 import statistics
 import types
 
+import numpy as np
 import pytest
 
 from jaxrepro import bench, bench_runs
@@ -123,6 +124,25 @@ def test_bench_e2e_smoke(tmp_path, data_dir):
     assert result["replay_over_original"] == pytest.approx(
         rep["replay_total_s"] / rep["original_steps_s"]
     )
+
+
+def test_bench_checkpoint_smoke(data_dir):
+    opts = dict(bench_runs.CHECKPOINT_DEFAULTS, config=SMOKE, rounds=2, data_dir=data_dir)
+    result = bench_runs.bench_checkpoint(opts)  # raises unless each restore is bit for bit
+    assert result["state"]["arrays"] > 10 and result["state"]["mib"] > 0
+    for layout in bench_runs.CHECKPOINT_LAYOUTS:
+        rows = result["rounds"][layout]
+        assert len(rows) == 2
+        for row in rows:
+            assert 0 < row["save_held_s"] <= row["save_total_s"] and row["restore_s"] > 0
+            assert row["save_cpu_s"] == pytest.approx(row["save_user_s"] + row["save_system_s"])
+    ratios = [
+        b["save_total_s"] / a["save_total_s"]
+        for a, b in zip(result["rounds"]["packed"], result["rounds"]["leaves"], strict=True)
+    ]
+    assert result["leaves_over_packed"]["save_total_s"] == pytest.approx(np.median(ratios))
+    with pytest.raises(ValueError, match="rounds"):
+        bench_runs.bench_checkpoint(dict(opts, rounds=0))
 
 
 def test_bench_startup_cold_then_warm(data_dir):
