@@ -17,7 +17,8 @@ How ``step`` measures (the machine may be shared, so nothing is timed alone):
   statistics, the non-finite guard and the metrics), on a batch already on the device,
   augmentation off (PyTorch gets a ready float batch too). ``variants=conv/bn[/tail]``
   adds JAX steps timed in the same rounds: another conv/bn impl, the convolution before
-  its hand-written backward (``matmul-autodiff``), or step.py without its update-norm
+  its hand-written backward (``matmul-autodiff``) or before row blocking
+  (``matmul-whole``), or step.py without its update-norm
   metric (tail ``cond-no-update-norm``, to measure what that metric costs; tail ``cond``
   is step.py as it is, the name kept for older commands).
 * PyTorch: ``jaxrepro.compare.torch_resnet`` (the same architecture), ``torch.optim.Adam``

@@ -27,8 +27,9 @@ from jax import lax
 from jaxrepro import models, rng
 from jaxrepro.models import layers
 
-# The 'matmul' convolution before its hand-written backward (kept to measure against).
-BEFORE_IMPLS = ("matmul-autodiff",)
+# Earlier forms of the 'matmul' convolution, kept to measure against: before its
+# hand-written backward ('matmul-autodiff'), and before row blocking ('matmul-whole').
+BEFORE_IMPLS = ("matmul-autodiff", "matmul-whole")
 
 
 def conv_matmul_autodiff(x, kernel, stride: int, padding: int):
@@ -49,19 +50,25 @@ def conv_matmul_autodiff(x, kernel, stride: int, padding: int):
 
 @contextlib.contextmanager
 def conv_impl_override(conv_impl: str):
-    """While tracing: 'matmul-autodiff' swaps the old convolution in for 'matmul'.
+    """While tracing: 'matmul-autodiff' swaps the old convolution in for 'matmul';
+    'matmul-whole' is 'matmul' with row blocking off (every patch matrix whole).
 
     Yields the impl name ``models.build`` accepts.
     """
     if conv_impl not in BEFORE_IMPLS:
         yield conv_impl
         return
-    new = layers.conv_matmul
-    layers.conv_matmul = conv_matmul_autodiff
+    from jaxrepro.models import conv as conv_lib
+
+    new, above = layers.conv_matmul, conv_lib.BLOCK_ABOVE
+    if conv_impl == "matmul-autodiff":
+        layers.conv_matmul = conv_matmul_autodiff
+    else:
+        conv_lib.BLOCK_ABOVE = 0
     try:
         yield "matmul"
     finally:
-        layers.conv_matmul = new
+        layers.conv_matmul, conv_lib.BLOCK_ABOVE = new, above
 
 
 # Train-step tails: the project's step.py, the same (``cond``: the guarded update step.py

@@ -49,6 +49,71 @@ def test_matmul_conv_live_taps_values_and_grads(hw, cin, cout, k, stride, pad, l
         assert np.all(np.asarray(got[2])[dead] == 0.0)
 
 
+def _jit_fwd_bwd():
+    return jax.jit(lambda *a: _fwd_bwd(*a), static_argnums=(0, 3, 4))
+
+
+@pytest.mark.parametrize(
+    "n,hw,cin,cout,k,stride,pad",
+    [
+        (2, 8, 3, 5, 3, 1, 1),  # 3x3/1: slabs overlap by two rows, the fold adds the halos
+        (2, 9, 4, 6, 3, 2, 1),  # 3x3/2 over an odd map
+        (2, 12, 3, 4, 7, 2, 3),  # the 7x7/2 stem
+        (1, 2, 4, 3, 3, 1, 1),  # a 2x2 map: two blocks of one row
+        (3, 3, 4, 6, 5, 2, 2),  # dead taps (5x5/2 over 3x3): left out in every block
+    ],
+)
+def test_row_blocked_matmul_conv_values_and_grads(monkeypatch, n, hw, cin, cout, k, stride, pad):
+    """Forcing blocks of one output row (thresholds of 1 byte): the same convolution."""
+    r = np.random.default_rng(hw * 10 + k)
+    x = jnp.asarray(r.standard_normal((n, hw, hw, cin)), jnp.float32)
+    w = jnp.asarray(r.standard_normal((k, k, cin, cout)), jnp.float32)
+    out_h, out_w, taps = conv_lib._geometry(x.shape, w.shape, stride, pad)
+    dy = jnp.asarray(r.standard_normal((n, out_h, out_w, cout)), jnp.float32)
+    want = _jit_fwd_bwd()("lax", x, w, stride, pad, dy)
+    whole = _jit_fwd_bwd()("matmul", x, w, stride, pad, dy)
+    monkeypatch.setattr(conv_lib, "BLOCK_ABOVE", 1)
+    monkeypatch.setattr(conv_lib, "BLOCK_BYTES", 1)
+    assert conv_lib._rows_per_block(x.shape, out_h, out_w, len(taps), 4) == 1 < out_h
+    f = _jit_fwd_bwd()  # a new function: jit's cache holds the whole-conv trace of the old
+    blocked = f("matmul", x, w, stride, pad, dy)
+    assert "while" in f.lower("matmul", x, w, stride, pad, dy).as_text()  # blocked path ran
+    for name, a, b, c in zip(("y", "dx", "dw"), want, blocked, whole, strict=True):
+        scale = float(jnp.max(jnp.abs(a)))
+        np.testing.assert_allclose(b, a, rtol=0, atol=2e-6 * scale, err_msg=name)
+        np.testing.assert_allclose(b, c, rtol=0, atol=2e-6 * scale, err_msg=name)
+    # deterministic, and under vmap (a leading group axis) the same per group
+    again = f("matmul", x, w, stride, pad, dy)
+    assert all(_bits_equal(a, b) for a, b in zip(blocked, again, strict=True))
+    xs, dys = jnp.stack([x, -x]), jnp.stack([dy, 2 * dy])
+    grouped = jax.jit(
+        jax.vmap(_fwd_bwd, in_axes=(None, 0, None, None, None, 0)), static_argnums=(0, 3, 4)
+    )
+    got = grouped("matmul", xs, w, stride, pad, dys)
+    for g in range(2):
+        one = f("matmul", xs[g], w, stride, pad, dys[g])
+        for name, a, b in zip(("y", "dx", "dw"), one, got, strict=True):
+            scale = float(jnp.max(jnp.abs(a)))
+            np.testing.assert_allclose(b[g], a, rtol=0, atol=2e-6 * scale, err_msg=f"{name}[{g}]")
+
+
+def test_row_blocks_only_for_large_patch_matrices():
+    rows = conv_lib._rows_per_block
+    mib = 1 << 20
+    # ResNet-50 at 224x224, batch 8: the 3x3 convs on 56x56 maps (58 MiB of patches) go
+    # in blocks of 4 rows (4.1 MiB); 14x14 maps (14.5 MiB) stay whole; so does every conv
+    # of the 32x32 digits default (at most 4.7 MiB) and every 1x1 conv
+    assert rows((8, 56, 56, 64), 56, 56, 9, 4) == 4
+    assert 4 * 8 * 56 * 9 * 64 * 4 <= conv_lib.BLOCK_BYTES < 7 * 8 * 56 * 9 * 64 * 4
+    assert rows((8, 14, 14, 256), 14, 14, 9, 4) == 14
+    assert rows((32, 8, 8, 64), 8, 8, 9, 4) == 8
+    assert rows((32, 32, 32, 3), 16, 16, 49, 4) == 16
+    assert rows((8, 56, 56, 256), 56, 56, 1, 4) == 56
+    # a single row over the budget still goes one row at a time
+    assert rows((64, 56, 56, 64), 56, 56, 9, 4) == 1
+    assert conv_lib.BLOCK_ABOVE >= 8 * mib
+
+
 def test_matmul_conv_rejects_an_empty_output():
     with pytest.raises(ValueError, match="no output"):
         conv_lib.conv_matmul(jnp.zeros((1, 2, 2, 1)), jnp.zeros((5, 5, 1, 1)), 1, 0)

@@ -17,6 +17,14 @@ library (measurements in results/bench/NOTES.md):
   transpose goes into the matmul library's packing instead.
 * **Input gradient** ``dP = dY W^T`` folded back onto the input by pads and adds in a
   fixed order (the transpose of the patch slicing), so it is deterministic.
+* **Row blocks for large patch matrices.** Past ``BLOCK_ABOVE`` bytes of patches (the
+  stem and the 3x3 convolutions of 56x56 and 28x28 maps at 224x224), the convolution runs
+  as a ``lax.scan`` over blocks of output rows, each block's patches under
+  ``BLOCK_BYTES``: the forward writes its rows of the output, the backward recomputes the
+  block's patches from the saved input, adds its weight gradient to a running sum and
+  its folded input gradient into the block's input rows, in block order. Same math, other
+  summation order than the whole matrix (so other bits); smaller convolutions, among
+  them every one of the 32x32 default, take the whole-matrix path unchanged.
 """
 
 from __future__ import annotations
@@ -79,9 +87,40 @@ def _live_kernel(kernel, taps):
     return jnp.concatenate([kernel[di, dj] for di, dj in taps], axis=0).reshape(-1, cout)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+# A patch matrix larger than BLOCK_ABOVE is made and used one block of output rows at a
+# time, each block's patches at most BLOCK_BYTES (see ``_rows_per_block``). Measured on
+# XLA:CPU (results/bench/NOTES.md); 0 turns blocking off.
+BLOCK_ABOVE = 16 << 20
+BLOCK_BYTES = 4 << 20
+
+
 def conv_matmul(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
     """The same convolution as ``lax.conv_general_dilated`` (NHWC, HWIO), as a matmul."""
+    out_h, out_w, taps = _geometry(x.shape, kernel.shape, stride, padding)
+    rows = _rows_per_block(x.shape, out_h, out_w, len(taps), jnp.dtype(x.dtype).itemsize)
+    if rows < out_h:
+        return _conv_blocked(x, kernel, stride, padding, rows)
+    return _conv_whole(x, kernel, stride, padding)
+
+
+def _rows_per_block(x_shape, out_h: int, out_w: int, n_taps: int, itemsize: int) -> int:
+    """Output rows per block: all of them, or the largest divisor of ``out_h`` that fits.
+
+    The patch matrix is ``n_taps`` times the input. Once it is tens of MiB (the stem and
+    the 3x3 convolutions on 56x56 and 28x28 maps at 224x224), writing it and reading it
+    back (forward, weight gradient) and folding the input gradient cost more than the
+    matmuls; in blocks of a few MiB it stays in cache: 1.5-2x faster per convolution.
+    Small patch matrices (every layer at 32x32, the 14x14 and 7x7 maps) are faster whole.
+    """
+    row_bytes = x_shape[0] * out_w * n_taps * x_shape[3] * itemsize
+    if not BLOCK_ABOVE or n_taps == 1 or out_h * row_bytes <= BLOCK_ABOVE:
+        return out_h
+    fits = [r for r in range(1, out_h + 1) if out_h % r == 0 and r * row_bytes <= BLOCK_BYTES]
+    return max(fits) if fits else 1
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_whole(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
     return _conv_fwd(x, kernel, stride, padding)[0]
 
 
@@ -108,16 +147,22 @@ def _conv_bwd(stride, padding, res, dy):
     _, out_h, out_w, _ = dy.shape
     _, _, taps = _geometry(x_shape, kernel.shape, stride, padding)
     dy2 = dy.reshape(-1, cout)
-    dw_live = _weight_grad(p, dy2).reshape(len(taps), cin, cout)
-    dw = jnp.zeros(kernel.shape, dw_live.dtype)
-    if len(taps) == kh * kw:
-        dw = dw_live.reshape(kernel.shape)
-    else:
-        for t, (di, dj) in enumerate(taps):
-            dw = dw.at[di, dj].set(dw_live[t])
+    dw = _full_kernel_grad(_weight_grad(p, dy2), kernel.shape, taps)
     dp = jnp.dot(dy2, jnp.transpose(_live_kernel(kernel, taps)))
     dp = dp.reshape(x_shape[0], out_h, out_w, len(taps) * cin)
     return _fold(dp, x_shape, taps, stride, padding), dw.astype(kernel.dtype)
+
+
+def _full_kernel_grad(dw_live, k_shape, taps):
+    """The (T*Cin, Cout) gradient of the live taps as a kernel gradient (dead taps 0)."""
+    kh, kw, cin, cout = k_shape
+    dw_live = dw_live.reshape(len(taps), cin, cout)
+    if len(taps) == kh * kw:
+        return dw_live.reshape(k_shape)
+    dw = jnp.zeros(k_shape, dw_live.dtype)
+    for t, (di, dj) in enumerate(taps):
+        dw = dw.at[di, dj].set(dw_live[t])
+    return dw
 
 
 def _fold(dp, x_shape, taps, stride: int, padding: int):
@@ -136,4 +181,64 @@ def _fold(dp, x_shape, taps, stride: int, padding: int):
     return total[:, padding : padding + h, padding : padding + w, :]
 
 
-conv_matmul.defvjp(_conv_fwd, _conv_bwd)
+_conv_whole.defvjp(_conv_fwd, _conv_bwd)
+
+
+# -- the same convolution, one block of output rows at a time
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_blocked(x, kernel, stride: int, padding: int, rows: int):
+    return _blocked_fwd(x, kernel, stride, padding, rows)[0]
+
+
+def _slab(xp, b, rows: int, stride: int, kh: int):
+    """The padded input rows that output rows ``[b*rows, (b+1)*rows)`` read."""
+    n, _, wp, c = xp.shape
+    height = (rows - 1) * stride + kh
+    return lax.dynamic_slice(xp, (0, b * rows * stride, 0, 0), (n, height, wp, c))
+
+
+def _blocked_fwd(x, kernel, stride, padding, rows):
+    out_h, out_w, taps = _geometry(x.shape, kernel.shape, stride, padding)
+    kh, cout = kernel.shape[0], kernel.shape[-1]
+    xp = _pad(x, padding)
+    k2 = _live_kernel(kernel, taps)
+
+    def block(y, b):
+        p = _patches(_slab(xp, b, rows, stride, kh), taps, stride, 0, rows, out_w)
+        yb = jnp.dot(p, k2).reshape(x.shape[0], rows, out_w, cout)
+        return lax.dynamic_update_slice(y, yb, (0, b * rows, 0, 0)), None
+
+    y0 = jnp.zeros((x.shape[0], out_h, out_w, cout), jnp.result_type(x, kernel))
+    y, _ = lax.scan(block, y0, jnp.arange(out_h // rows))
+    return y, (x, kernel)
+
+
+def _blocked_bwd(stride, padding, rows, res, dy):
+    x, kernel = res
+    kh, kw, cin, cout = kernel.shape
+    out_h, out_w, taps = _geometry(x.shape, kernel.shape, stride, padding)
+    xp = _pad(x, padding)
+    k2t = jnp.transpose(_live_kernel(kernel, taps))
+    n, hp, wp, _ = xp.shape
+    slab_shape = (n, (rows - 1) * stride + kh, wp, cin)
+
+    def block(carry, b):
+        dw, dxp = carry
+        p = _patches(_slab(xp, b, rows, stride, kh), taps, stride, 0, rows, out_w)
+        dyb = lax.dynamic_slice(dy, (0, b * rows, 0, 0), (n, rows, out_w, cout)).reshape(-1, cout)
+        dw = dw + _weight_grad(p, dyb)
+        dp = jnp.dot(dyb, k2t).reshape(n, rows, out_w, len(taps) * cin)
+        start = (0, b * rows * stride, 0, 0)
+        g = lax.dynamic_slice(dxp, start, slab_shape) + _fold(dp, slab_shape, taps, stride, 0)
+        return (dw, lax.dynamic_update_slice(dxp, g, start)), None
+
+    dw0 = jnp.zeros((len(taps) * cin, cout), jnp.result_type(x, kernel))
+    (dw_live, dxp), _ = lax.scan(block, (dw0, jnp.zeros_like(xp)), jnp.arange(out_h // rows))
+    h, w = x.shape[1], x.shape[2]
+    dx = dxp[:, padding : padding + h, padding : padding + w, :]
+    return dx, _full_kernel_grad(dw_live, kernel.shape, taps).astype(kernel.dtype)
+
+
+_conv_blocked.defvjp(_blocked_fwd, _blocked_bwd)
