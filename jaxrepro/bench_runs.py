@@ -287,7 +287,7 @@ def bare_step_rate(config, workdir: str, steps: int, warmup: int) -> dict:
     from jaxrepro.train import loop
     from jaxrepro.workdir import Workdir
 
-    runner = loop.Runner(config, Workdir(workdir), resuming=False)
+    runner = loop.Runner(config, Workdir(workdir), resuming=False, checkpoints=False)
     phase = runner.phases[0]
     state = runner.init_state()
     # The loop's own placement where it has one (a data-parallel mesh), else device_put.
@@ -441,7 +441,9 @@ def bench_checkpoint(opts: dict) -> dict:
     config = load_config(opts["config"], opts["set"], opts["data_dir"])
     rounds = {layout: [] for layout in CHECKPOINT_LAYOUTS}
     with tempfile.TemporaryDirectory(prefix="jaxrepro-ckpt-") as tmp:
-        state = loop.Runner(config, Workdir(os.path.join(tmp, "w")), resuming=False).init_state()
+        state = loop.Runner(
+            config, Workdir(os.path.join(tmp, "w")), resuming=False, checkpoints=False
+        ).init_state()
         state = jax.block_until_ready(state)
         want = hashing.leaf_hashes(state)
         for r in range(opts["rounds"]):

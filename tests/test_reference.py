@@ -10,6 +10,7 @@ with a deliberate bug (BN momentum, Adam eps placement, unported head) must brea
 from __future__ import annotations
 
 import json
+import os
 import types
 
 import numpy as np
@@ -236,3 +237,13 @@ def test_main_from_flags_and_refusals(pair, data_dir, tmp_path, capsys):
         reference.run(pair.config, str(pair.jax))
     with pytest.raises(ConfigError, match="float32 only"):
         reference.run(_config(data_dir, **{"model.dtype": "bfloat16"}), str(tmp_path / "bf16"))
+
+
+def test_runner_without_checkpoints_cannot_run_or_resume(pair, tmp_path):
+    path = str(tmp_path / "w")
+    with pytest.raises(ValueError, match="cannot resume"):
+        loop.Runner(pair.config, Workdir(path), resuming=True, checkpoints=False)
+    runner = loop.Runner(pair.config, Workdir(path), resuming=False, checkpoints=False)
+    assert runner.ckpts is None and not os.path.exists(path)  # nothing written
+    with pytest.raises(RuntimeError, match="checkpoints=False"):
+        runner.run(None)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 import time
 
 import jax
@@ -354,8 +353,9 @@ def run(config, workdir: str) -> dict:
         return done
     threads = runinfo.cpu_threads()
     t0 = time.perf_counter()
-    with torch_determinism(threads), tempfile.TemporaryDirectory(prefix="jaxrepro-ref-") as tmp:
-        runner = _make_runner(config, ws, os.path.join(tmp, "checkpoints"))
+    with torch_determinism(threads):
+        # The engine's runner, for its data, phases, keys and initial state (no training).
+        runner = loop.Runner(config, ws, resuming=False, checkpoints=False)
         trainer = TorchTrainer(config, runner)
         info = ws.update_run(**_run_info(config, runner, trainer, threads))
         metrics = MetricsWriter(ws.metrics_path, None)
@@ -382,29 +382,6 @@ def run(config, workdir: str) -> dict:
     ws.update_run(**info)
     log.info("%s: PyTorch reference %s at step %d", ws.path, status, step)
     return info
-
-
-class _ScratchCheckpoints(Workdir):
-    """The reference's workdir as the engine's runner sees it: checkpoints go elsewhere.
-
-    The runner opens an orbax manager on ``checkpoint_dir``; the reference writes no
-    orbax checkpoints, so that directory is a scratch one, removed after the run.
-    """
-
-    def __init__(self, path: str, scratch: str):
-        super().__init__(path)
-        self._scratch = scratch
-
-    @property
-    def checkpoint_dir(self):
-        return self._scratch
-
-
-def _make_runner(config, ws: Workdir, scratch: str) -> loop.Runner:
-    """The engine's runner, for its data, phases, keys and initial state (no training)."""
-    runner = loop.Runner(config, _ScratchCheckpoints(ws.path, scratch), resuming=False)
-    runner.ckpts.close()
-    return runner
 
 
 def main_from_flags(flags, config) -> int:

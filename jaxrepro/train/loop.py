@@ -203,7 +203,20 @@ def _claim(ws: Workdir, claimed: dict) -> bool:
 class Runner:
     """The state of one run's host loop (kept out of the pure step)."""
 
-    def __init__(self, config, ws: Workdir, resuming: bool, origin: Origin | None = None):
+    def __init__(
+        self,
+        config,
+        ws: Workdir,
+        resuming: bool,
+        origin: Origin | None = None,
+        *,
+        checkpoints: bool = True,
+    ):
+        """``checkpoints=False``: no checkpoint manager (nothing created in the workdir):
+        a runner for its data, phases, keys and initial state only, which cannot ``run``
+        (the PyTorch reference trainer, benchmarks)."""
+        if resuming and not checkpoints:
+            raise ValueError("a runner without checkpoints cannot resume")
         self.config = config
         self.ws = ws
         self.origin = origin
@@ -218,7 +231,7 @@ class Runner:
         self.end = self.total
         if origin is not None and origin.until is not None:
             self.end = min(origin.until, self.total)
-        self.ckpts = Checkpoints(ws.checkpoint_dir)
+        self.ckpts = Checkpoints(ws.checkpoint_dir) if checkpoints else None
         self.resume_step = self.ckpts.latest_step() if resuming else None
         self.info = ws.read_run() if resuming else {}
         self.input_stats = {}  # phase -> [sum of means, sum of stds, count]
@@ -485,6 +498,8 @@ class Runner:
         self.ckpts.retain(c.keep_last, c.keep_every, protected_steps(self.ckpts.steps(), events))
 
     def run(self, stop_after: int | None) -> dict:
+        if self.ckpts is None:
+            raise RuntimeError("this Runner was made with checkpoints=False and cannot run")
         state, state_phase, start, how = self._start()
         self._write_run_start(start, how, state)
         state = self.par.replicate(state)
