@@ -228,13 +228,14 @@ def _blocked_bwd(stride, padding, rows, res, dy):
         dw, dxp = carry
         p = _patches(_slab(xp, b, rows, stride, kh), taps, stride, 0, rows, out_w)
         dyb = lax.dynamic_slice(dy, (0, b * rows, 0, 0), (n, rows, out_w, cout)).reshape(-1, cout)
-        dw = dw + _weight_grad(p, dyb)
+        dw = dw + _weight_grad(p, dyb).astype(dw.dtype)
         dp = jnp.dot(dyb, k2t).reshape(n, rows, out_w, len(taps) * cin)
         start = (0, b * rows * stride, 0, 0)
         g = lax.dynamic_slice(dxp, start, slab_shape) + _fold(dp, slab_shape, taps, stride, 0)
         return (dw, lax.dynamic_update_slice(dxp, g, start)), None
 
-    dw0 = jnp.zeros((len(taps) * cin, cout), jnp.result_type(x, kernel))
+    # the running sum in float32 at least: bfloat16 would round it at every block
+    dw0 = jnp.zeros((len(taps) * cin, cout), jnp.promote_types(kernel.dtype, jnp.float32))
     (dw_live, dxp), _ = lax.scan(block, (dw0, jnp.zeros_like(xp)), jnp.arange(out_h // rows))
     h, w = x.shape[1], x.shape[2]
     dx = dxp[:, padding : padding + h, padding : padding + w, :]
