@@ -6,6 +6,11 @@ PY := $(VENV)/bin/python
 EXTRAS ?= test,torch
 STUDY_OUT ?= runs/digits_aug
 STUDY_FLAGS ?=
+# Transparent huge pages for malloc (glibc; ignored elsewhere): XLA:CPU's per-step buffers
+# then cost ~1 k page faults a step instead of ~50-300 k (jaxrepro/procenv.py). The CLI
+# sets it for itself; exported here so that pytest's in-process runs have it too.
+GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
+export GLIBC_TUNABLES
 
 .PHONY: setup test study lint
 

@@ -346,6 +346,9 @@ def main(argv):
 
 
 def run_main():
+    from jaxrepro import procenv
+
+    procenv.reexec_if_needed(sys.argv)  # before jax starts: malloc's huge pages
     app.run(lambda argv: sys.exit(main(argv)))
 
 

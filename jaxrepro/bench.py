@@ -46,6 +46,7 @@ import time
 
 import numpy as np
 
+from jaxrepro import procenv
 from jaxrepro.bench_model import TAILS, matmul_peak, model_flops
 
 DEFAULT_OUT = "results/bench"
@@ -125,6 +126,7 @@ def machine_info() -> dict:
         "cores": cpu_threads(),
         "machine": platform.machine(),
         "loadavg": [round(x, 2) for x in os.getloadavg()],
+        "glibc_tunables": procenv.malloc_setting(),  # jaxrepro/procenv.py
     }
 
 

@@ -9,7 +9,7 @@ import subprocess
 
 import jax
 
-from jaxrepro import __version__, rng
+from jaxrepro import __version__, procenv, rng
 
 _LIBS = (
     "jax",
@@ -78,6 +78,7 @@ def platform_info() -> dict:
         "cpu_threads": cpu_threads(),
         "cpu_count": os.cpu_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "glibc_tunables": procenv.malloc_setting(),  # huge pages for malloc (speed only)
         "machine": platform.machine(),
         "python": platform.python_version(),
         **rng.settings(),
