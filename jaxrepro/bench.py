@@ -1,14 +1,16 @@
 r"""``jaxrepro bench``: the JAX train step against PyTorch, and the costs around it.
 
-    jaxrepro bench step    [size=32,224 batch=32,8 rounds=5 iters=3 cores=0 variants=...]
+    jaxrepro bench step    [size=32,224 batch=32,8 rounds=5 iters=3 settle=1 cores=0 variants=...]
     jaxrepro bench startup [config=configs/digits.py init=both runs=2]  (time to first step)
     jaxrepro bench e2e     [config=configs/digits.py steps=60 rounds=2]  (run vs bare step)
+    jaxrepro bench checkpoint [config=configs/digits.py rounds=4]  (save/restore, 2 layouts)
     jaxrepro bench memory  [configs=configs/digits.py:smoke,configs/digits.py]
     jaxrepro bench all
 
 Options are ``key=value`` words after the sub-command (absl owns ``--flags``); ``--out``
 is the output directory (default ``results/bench``). Each sub-command writes one JSON
-file there (``step.json``, ``startup.json``, ``e2e.json``, ``memory.json``; ``step
+file there (``step.json``, ``startup.json``, ``e2e.json``, ``checkpoint.json``,
+``memory.json``; ``step
 cores=1`` writes ``step_cores1.json``). results/bench/NOTES.md reads them.
 
 How ``step`` measures (the machine may be shared, so nothing is timed alone):
@@ -26,9 +28,11 @@ How ``step`` measures (the machine may be shared, so nothing is timed alone):
   pool is left as it is (one thread per core), and ``threads`` defaults to the cores.
   ``cores=N`` runs everything in a child pinned to N cores.
 * Both in one process, alternated: each round runs ``iters`` JAX steps, then ``iters``
-  PyTorch steps. Reported: the median step time, its spread, process CPU time per step,
-  and the median over rounds of the per-round ratio (rounds see similar load, so the
-  ratio is steadier than either).
+  PyTorch steps, each turn opened by ``settle`` untimed steps (the first step after the
+  other framework's turn pays for the memory that framework gave back: up to 2x at
+  224x224 with malloc's huge pages, jaxrepro/procenv.py). Reported: the median step
+  time, its spread, process CPU time per step, and the median over rounds of the
+  per-round ratio (rounds see similar load, so the ratio is steadier than either).
 * FLOPs per image: 2 x multiply-adds of every convolution and dense layer of the
   forward pass (counted once from the jaxpr of the model with ``lax`` convolutions at
   batch 1; batch-norm, pooling and the optimizer are not counted), and 3x that for a
@@ -58,6 +62,7 @@ STEP_DEFAULTS = {
     "rounds": 5,
     "iters": 3,
     "warmup": 1,
+    "settle": 1,  # untimed steps at the start of each runner's turn in every round
     "threads": 0,  # 0: one per core (what XLA uses)
     "classes": 10,
     "conv_impl": "auto",
@@ -159,15 +164,21 @@ def summarize(times: list[float], batch: int) -> dict:
     }
 
 
-def alternate(runners: dict, rounds: int, iters: int, cpu: dict | None = None) -> dict:
+def alternate(
+    runners: dict, rounds: int, iters: int, cpu: dict | None = None, settle: int = 0
+) -> dict:
     """Runs each runner ``iters`` times per round, in turn, for ``rounds`` rounds.
 
     Returns per-runner lists (one per round) of step wall times in seconds; ``cpu``, if
     given, receives the process CPU times the same way (robust to other processes'
     load, but it counts spinning threads too). Each runner must block until done.
+    ``settle`` untimed steps open each runner's turn: the first step after another
+    runner's turn pays to get back the memory that runner's allocator returned.
     """
-    if rounds < 1 or iters < 1:
-        raise ValueError(f"rounds and iters must be >= 1, got {rounds}, {iters}")
+    if rounds < 1 or iters < 1 or settle < 0:
+        raise ValueError(
+            f"rounds and iters must be >= 1 and settle >= 0, got {rounds}, {iters}, {settle}"
+        )
     times = {name: [] for name in runners}
     cpu = {} if cpu is None else cpu
     for name in runners:
@@ -175,6 +186,8 @@ def alternate(runners: dict, rounds: int, iters: int, cpu: dict | None = None) -
     for _ in range(rounds):
         for name, run in runners.items():
             walls, cpus = [], []
+            for _ in range(settle):
+                run()
             for _ in range(iters):
                 start, start_cpu = time.perf_counter(), time.process_time()
                 run()
@@ -322,7 +335,7 @@ def bench_shape(opts, image_size, batch, peak_gflops) -> dict:
         )
     alternate(runners, 1, opts["warmup"])  # first steps: allocation, caches, oneDNN plans
     cpu = {}
-    times = alternate(runners, opts["rounds"], opts["iters"], cpu)
+    times = alternate(runners, opts["rounds"], opts["iters"], cpu, opts["settle"])
     row = {"image_size": image_size, "batch": batch, "flops_per_image": flops}
     for name, per_round in times.items():
         flat = [t for r in per_round for t in r]

@@ -60,6 +60,17 @@ def test_resnet50_flops_match_the_published_count():
     assert flops["train"] == 3 * flops["forward"]
 
 
+def test_alternate_times_each_turn_after_its_settling_steps():
+    calls = []
+    runners = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    cpu = {}
+    times = bench.alternate(runners, rounds=2, iters=3, cpu=cpu, settle=1)
+    assert calls == (["a"] * 4 + ["b"] * 4) * 2  # 1 untimed + 3 timed, per turn
+    assert [len(r) for r in times["a"]] == [3, 3] and [len(r) for r in cpu["b"]] == [3, 3]
+    with pytest.raises(ValueError, match="settle"):
+        bench.alternate(runners, rounds=1, iters=1, settle=-1)
+
+
 def test_bench_step_writes_consistent_json(tmp_path):
     args = ["step", "arch=resnet_tiny", "size=16", "batch=4", "rounds=2", "iters=2", "warmup=1",
             "peak_n=128", "variants=matmul/flax/cond", "threads=1"]  # fmt: skip
@@ -93,6 +104,7 @@ def test_bench_step_writes_consistent_json(tmp_path):
         row["jax"]["images_per_s"] / row["torch"]["images_per_s"]
     )
     assert result["machine"]["cores"] >= 1 and row["torch"]["threads"] >= 1
+    assert "glibc_tunables" in result["machine"]
 
 
 def test_bench_e2e_smoke(tmp_path, data_dir):
