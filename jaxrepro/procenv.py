@@ -5,8 +5,10 @@ with fresh ``mmap``s, so every step touches its pages for the first time: a ResN
 train step at 224x224, batch 8, took ~315 k page faults and ~0.55 s of kernel time per
 step (2 cores), at 32x32 ~53 k. glibc's tunable ``glibc.malloc.hugetlb=1`` makes malloc
 ask for transparent huge pages (``madvise``), and the faults fall to ~1 k a step: the
-224x224 step ran ~1.3x faster, the 32x32 one ~1.4x (results/bench/NOTES.md). The
-arithmetic is the same: a digits run's final state hash is unchanged.
+224x224 step ran ~1.3x faster, the 32x32 one ~1.45x, a whole digits run took 62 s
+instead of 69 s (results/bench/NOTES.md). The arithmetic is the same: a digits run's
+final state hash is unchanged. (Saves of checkpoints cost more kernel time with it, as
+huge pages get compacted while the page cache fills: the net is still the 62 s.)
 
 glibc reads tunables only when a process starts, so the CLI (``run_main``) re-executes
 itself once with the tunable added when it is missing, on Linux with glibc and
