@@ -52,6 +52,7 @@ import numpy as np
 
 from jaxrepro import procenv
 from jaxrepro.bench_model import TAILS, matmul_peak, model_flops
+from jaxrepro.train import runinfo
 
 DEFAULT_OUT = "results/bench"
 
@@ -109,14 +110,6 @@ def int_list(text: str, name: str) -> list[int]:
     return values
 
 
-def cpu_threads() -> int:
-    """Cores this process may run on (what XLA:CPU sizes its thread pool by)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def machine_info() -> dict:
     """Where the numbers come from; the load average says how shared the machine was."""
     model = platform.processor()
@@ -128,7 +121,7 @@ def machine_info() -> dict:
         pass
     return {
         "cpu": model,
-        "cores": cpu_threads(),
+        "cores": runinfo.cpu_threads(),
         "machine": platform.machine(),
         "loadavg": [round(x, 2) for x in os.getloadavg()],
         "glibc_tunables": procenv.malloc_setting(),  # jaxrepro/procenv.py
@@ -329,7 +322,7 @@ def bench_shape(opts, image_size, batch, peak_gflops) -> dict:
             opts["arch"], image_size, batch, opts["classes"], conv_impl, bn_impl, tail
         )
     if opts["torch"]:
-        threads = opts["threads"] or cpu_threads()
+        threads = opts["threads"] or runinfo.cpu_threads()
         runners["torch"], infos["torch"] = torch_step_runner(
             opts["arch"], image_size, batch, opts["classes"], threads
         )

@@ -54,10 +54,14 @@ def wanted_env(env: dict, *, system: str, libc: str, thp: str | None) -> dict | 
     return out
 
 
-def malloc_setting(env: dict | None = None) -> str:
+def malloc_setting() -> str:
     """What run.json and the benches record: the glibc malloc tunables in effect."""
-    env = os.environ if env is None else env
-    return env.get("GLIBC_TUNABLES", "")
+    return os.environ.get("GLIBC_TUNABLES", "")
+
+
+def platform_facts() -> dict:
+    """This machine's ``system``, ``libc`` and ``thp`` mode, as ``wanted_env`` takes them."""
+    return {"system": platform.system(), "libc": platform.libc_ver()[0], "thp": _thp_mode()}
 
 
 def reexec_if_needed(argv: list[str]) -> None:
@@ -65,12 +69,7 @@ def reexec_if_needed(argv: list[str]) -> None:
 
     Call before anything heavy is imported; returns only when nothing needs changing.
     """
-    env = wanted_env(
-        dict(os.environ),
-        system=platform.system(),
-        libc=platform.libc_ver()[0],
-        thp=_thp_mode(),
-    )
+    env = wanted_env(dict(os.environ), **platform_facts())
     if env is None:
         return
     sys.stdout.flush()

@@ -2,7 +2,6 @@
 
 import json
 import os
-import platform
 import subprocess
 import sys
 
@@ -40,12 +39,7 @@ def test_thp_mode_reads_the_bracketed_choice(tmp_path):
 
 
 def _runs_here() -> bool:
-    return (
-        procenv.wanted_env(
-            {}, system=platform.system(), libc=platform.libc_ver()[0], thp=procenv._thp_mode()
-        )
-        is not None
-    )
+    return procenv.wanted_env({}, **procenv.platform_facts()) is not None
 
 
 @pytest.mark.skipif(not _runs_here(), reason="needs Linux, glibc and transparent huge pages")

@@ -142,7 +142,7 @@ def _weight_grad(p, dy2):
 
 def _conv_bwd(stride, padding, res, dy):
     shape_only, p, kernel = res
-    kh, kw, cin, cout = kernel.shape
+    cin, cout = kernel.shape[2:]
     x_shape = (*shape_only.shape[:3], cin)
     _, out_h, out_w, _ = dy.shape
     _, _, taps = _geometry(x_shape, kernel.shape, stride, padding)
@@ -199,6 +199,11 @@ def _slab(xp, b, rows: int, stride: int, kh: int):
     return lax.dynamic_slice(xp, (0, b * rows * stride, 0, 0), (n, height, wp, c))
 
 
+def _block_patches(xp, b, taps, rows: int, out_w: int, stride: int, kh: int):
+    """The patches of output rows ``[b*rows, (b+1)*rows)`` (``xp`` already padded)."""
+    return _patches(_slab(xp, b, rows, stride, kh), taps, stride, 0, rows, out_w)
+
+
 def _blocked_fwd(x, kernel, stride, padding, rows):
     out_h, out_w, taps = _geometry(x.shape, kernel.shape, stride, padding)
     kh, cout = kernel.shape[0], kernel.shape[-1]
@@ -206,7 +211,7 @@ def _blocked_fwd(x, kernel, stride, padding, rows):
     k2 = _live_kernel(kernel, taps)
 
     def block(y, b):
-        p = _patches(_slab(xp, b, rows, stride, kh), taps, stride, 0, rows, out_w)
+        p = _block_patches(xp, b, taps, rows, out_w, stride, kh)
         yb = jnp.dot(p, k2).reshape(x.shape[0], rows, out_w, cout)
         return lax.dynamic_update_slice(y, yb, (0, b * rows, 0, 0)), None
 
@@ -217,16 +222,16 @@ def _blocked_fwd(x, kernel, stride, padding, rows):
 
 def _blocked_bwd(stride, padding, rows, res, dy):
     x, kernel = res
-    kh, kw, cin, cout = kernel.shape
+    kh, _, cin, cout = kernel.shape
     out_h, out_w, taps = _geometry(x.shape, kernel.shape, stride, padding)
     xp = _pad(x, padding)
     k2t = jnp.transpose(_live_kernel(kernel, taps))
-    n, hp, wp, _ = xp.shape
+    n, _, wp, _ = xp.shape
     slab_shape = (n, (rows - 1) * stride + kh, wp, cin)
 
     def block(carry, b):
         dw, dxp = carry
-        p = _patches(_slab(xp, b, rows, stride, kh), taps, stride, 0, rows, out_w)
+        p = _block_patches(xp, b, taps, rows, out_w, stride, kh)
         dyb = lax.dynamic_slice(dy, (0, b * rows, 0, 0), (n, rows, out_w, cout)).reshape(-1, cout)
         dw = dw + _weight_grad(p, dyb).astype(dw.dtype)
         dp = jnp.dot(dyb, k2t).reshape(n, rows, out_w, len(taps) * cin)
