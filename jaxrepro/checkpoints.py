@@ -61,10 +61,15 @@ class Checkpoints:
             item_handlers={
                 # Uncompressed: zstd gains ~8 % on float32 weights and Adam moments but
                 # costs 2-3x the CPU time of a save (results/bench/NOTES.md).
-                "state": ocp.PyTreeCheckpointHandler(use_compression=False),
+                "state": ocp.PyTreeCheckpointHandler(
+                    use_compression=False, type_handler_registry=_registry()
+                ),
                 "meta": ocp.JsonCheckpointHandler(),
             },
         )
+        # The packed state's host buffers, one per dtype, reused by every save of this
+        # run: fresh memory for 269 MiB costs more than writing it (see ``save``).
+        self._host: dict[str, np.ndarray] = {}
 
     # -- listing
     def steps(self) -> list[int]:
@@ -94,9 +99,11 @@ class Checkpoints:
         if packed:
             order = _order(tree)
             names = {dt: names for dt, (names, _) in order.items()}
+            # The previous save may still be writing from the buffers being refilled.
+            self._mngr.wait_until_finished()
+            host = self._pack_host(order)
             # orbax refuses empty arrays: a dtype whose leaves are all empty is in the layout
-            stored = _pack({dt: tuple(xs) for dt, (_, xs) in order.items() if _nonempty(xs)})
-            host = {dt: np.asarray(stored[dt]) if dt in stored else np.zeros(0, dt) for dt in order}
+            stored = {dt: buf for dt, buf in host.items() if buf.size}
             meta["manifest"] = hashing.leaf_checksums(
                 _unpack_host(host, names, shapes), MANIFEST_ALGO
             )
@@ -110,6 +117,30 @@ class Checkpoints:
                 state=ocp.args.PyTreeSave(stored), meta=ocp.args.JsonSave(meta)
             ),
         )
+
+    def _pack_host(self, order: dict) -> dict[str, np.ndarray]:
+        """The leaves of ``order`` copied, in order, into this run's host buffers.
+
+        Every save of a run reuses the same buffers, whose pages are already mapped: a new
+        269 MiB array each save (a jitted concatenation's output, or orbax's own copy of a
+        host array) made the kernel fault in and zero fresh pages, 0.1-0.5 s of system time
+        a save with the main thread waiting (results/bench/NOTES.md, "End to end"). orbax
+        writes straight from these buffers (``_registry``: no copy), so a save must be
+        finished before they are refilled. The bytes are the leaves' bytes.
+        """
+        out = {}
+        for dt, (_, leaves) in order.items():
+            n = sum(int(x.size) for x in leaves)
+            buf = self._host.get(dt)
+            if buf is None or buf.shape != (n,):
+                buf = self._host[dt] = np.empty(n, dt)
+            at = 0
+            for x in leaves:
+                # np.asarray of a CPU array is a view of its buffer; elsewhere, a fetch.
+                buf[at : at + x.size] = np.asarray(x).reshape(-1)
+                at += x.size
+            out[dt] = buf
+        return out
 
     def wait(self) -> None:
         self._mngr.wait_until_finished()
@@ -261,13 +292,19 @@ def _order(tree) -> dict[str, tuple[list[str], list]]:
     return out
 
 
-@jax.jit
-def _pack(groups: dict) -> dict:
-    return {dt: jnp.concatenate([jnp.ravel(x) for x in xs]) for dt, xs in groups.items()}
+def _registry():
+    """orbax's standard type handlers, except that host arrays are written uncopied.
 
-
-def _nonempty(leaves) -> bool:
-    return any(x.size for x in leaves)
+    ``Checkpoints._pack_host``'s buffers are not changed until the save is finished, so
+    orbax's defensive deep copy of a host array (another 269 MiB of fresh memory a save)
+    is not needed.
+    """
+    th = ocp.type_handlers
+    standard = (int, float, bytes, np.number, jax.Array, str)
+    return th.create_type_handler_registry(
+        *[(ty, th.get_type_handler(ty)) for ty in standard],
+        (np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)),
+    )
 
 
 def _size(shape) -> int:

@@ -289,3 +289,34 @@ def test_state_is_saved_packed_and_read_back_in_both_layouts(tmp_path):
     with pytest.raises(CheckpointError, match="unknown layout 'packed-v9'"):
         ckpts.restore(3, tree)
     ckpts.close()
+
+
+def test_packed_saves_reuse_their_buffers_and_keep_each_state(tmp_path):
+    """Back-to-back saves share the host buffers yet each checkpoint holds its own state,
+    and a save needs nothing of the caller's arrays once it returns (they may be donated)."""
+    import jax.numpy as jnp
+
+    ckpts = Checkpoints(str(tmp_path / "ck"))
+    states = [
+        {"w": jnp.full((64, 1024), float(i)), "n": jnp.asarray(i, jnp.int32)} for i in range(3)
+    ]
+    want = [{k: np.asarray(v).copy() for k, v in s.items()} for s in states]
+    ckpts.save(1, states[0], {})
+    buf = ckpts._host["float32"]
+    for step, s in ((2, states[1]), (3, states[2])):  # no wait between saves
+        ckpts.save(step, s, {})
+        for x in s.values():
+            x.delete()  # as donation would
+    assert ckpts._host["float32"] is buf
+    ckpts.wait()
+    like = {"w": jnp.zeros((64, 1024)), "n": jnp.asarray(0, jnp.int32)}
+    for step, w in zip((1, 2, 3), want, strict=True):
+        got, _ = ckpts.restore(step, like)
+        for k in w:
+            assert np.array_equal(got[k], w[k]), (step, k)
+    # a state of another size gets buffers of its size
+    ckpts.save(4, {"w": jnp.ones(3), "n": jnp.asarray(5, jnp.int32)}, {})
+    ckpts.wait()
+    assert ckpts._host["float32"].shape == (3,)
+    assert np.array_equal(ckpts.arrays(4)["w"], np.ones(3))
+    ckpts.close()
