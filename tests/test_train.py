@@ -55,12 +55,29 @@ def test_run_writes_the_workdir_layout(base_run):
     assert any("far from pretraining" in w for w in info["warnings"])
 
 
-def test_same_config_twice_is_bitwise_identical(base_run, data_dir, tmp_path):
+def test_same_config_twice_is_bitwise_identical(base_run, data_dir, tmp_path, monkeypatch):
+    import gc
+
     _, info, rows = base_run
+    frozen = []  # the step loop keeps what exists out of full collections (loop.frozen_gc)
+    evaluate = loop.Runner.evaluate
+    monkeypatch.setattr(
+        loop.Runner, "evaluate", lambda *a: (frozen.append(gc.get_freeze_count()), evaluate(*a))[1]
+    )
     info2, rows2 = _run(tiny_digits(data_dir), tmp_path / "again")
     assert rows_equal(rows, rows2)
     assert info2["final_param_hash"] == info["final_param_hash"]
     assert info2["final_state_hash"] == info["final_state_hash"]
+    assert frozen and min(frozen) > 0 and gc.get_freeze_count() == 0
+
+
+def test_frozen_gc_unfreezes_on_error():
+    import gc
+
+    with pytest.raises(RuntimeError), loop.frozen_gc():
+        assert gc.get_freeze_count() > 0
+        raise RuntimeError("a failing run")
+    assert gc.get_freeze_count() == 0
 
 
 def _runner(config, path):

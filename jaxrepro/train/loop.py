@@ -16,7 +16,9 @@ to the same bits.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import logging
 import time
 
@@ -152,6 +154,24 @@ class Origin:
     skip_batches: int = 0
     info: dict = dataclasses.field(default_factory=dict)
     history: tuple = ()  # the original's metric rows before ``step`` (detector context)
+
+
+@contextlib.contextmanager
+def frozen_gc():
+    """Keeps Python's full garbage collections out of the step loop's way.
+
+    A full (generation 2) collection walks every tracked object: with jax's tracing
+    caches and the compiled steps in the process, 100-240 ms each, about every 10 steps of
+    a digits run (results/bench/NOTES.md, "End to end"). ``gc.freeze()`` moves the objects
+    alive now out of the collector's reach; the loop calls it again after each compile and
+    eval. Objects are still freed by reference counting as ever; only cyclic garbage made
+    before a freeze waits for the ``gc.unfreeze()`` at the end, where it is collected.
+    """
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def run(config, workdir: str, *, stop_after: int | None = None, origin: Origin | None = None):
@@ -515,7 +535,7 @@ class Runner:
         self.metrics = metrics
         self.pending = None
         status, t_start, last_print, done_steps = "running", time.perf_counter(), 0.0, 0
-        with SigtermFlag() as sigterm:  # preemption: checkpoint, exit cleanly
+        with SigtermFlag() as sigterm, frozen_gc():  # preemption: checkpoint, exit cleanly
             s, stopping = start, False
             while s < self.end:
                 phase = self.phase_of(s)
@@ -529,6 +549,7 @@ class Runner:
                 if self._due(phase.eval_every, s - phase.start):
                     self._flush()
                     self._log_rows(self.evaluate(phase, state, s))
+                    gc.freeze()  # what the eval (and its first compile) left stays put
                 if s == phase.start or self._due(self.config.checkpoint.every, s):
                     self._save(s, state, state_phase)
                 batch, epoch = self.device_batch(phase, s)
@@ -545,6 +566,8 @@ class Runner:
                 if stopping or (stop_after is not None and s >= stop_after):
                     break
                 now = time.perf_counter()
+                if s == phase.start + 1 or done_steps == 1:
+                    gc.freeze()  # after the step's compile
                 if done_steps == 1:
                     t_first = now  # steps/s from here on: compile time is reported apart
                 elif now - last_print > self.config.runtime.progress_every_s:
