@@ -21,6 +21,7 @@ drop-off), so that a drop-off can always be replayed from just before it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 from collections.abc import Iterable
 
@@ -35,6 +36,7 @@ from jaxrepro.errors import CheckpointError
 
 MANIFEST_ALGO = "crc32"  # per-array checksums of new checkpoints (hashing.leaf_checksums)
 LAYOUT = "packed-v1"  # meta['layout']['format'] of packed checkpoints
+_SAVE_THREADS = 4  # at most, for a save's copy and checksums (fewer with fewer cores)
 
 
 def _options(read_only: bool = False) -> ocp.CheckpointManagerOptions:
@@ -101,12 +103,14 @@ class Checkpoints:
             names = {dt: names for dt, (names, _) in order.items()}
             # The previous save may still be writing from the buffers being refilled.
             self._mngr.wait_until_finished()
-            host = self._pack_host(order)
+            host = self._buffers(order)
+            views = _unpack_host(host, names, shapes)
+            jobs = [
+                (n, views[n], x) for ns, xs in order.values() for n, x in zip(ns, xs, strict=True)
+            ]
+            meta["manifest"] = _fill_and_checksum(jobs)
             # orbax refuses empty arrays: a dtype whose leaves are all empty is in the layout
             stored = {dt: buf for dt, buf in host.items() if buf.size}
-            meta["manifest"] = hashing.leaf_checksums(
-                _unpack_host(host, names, shapes), MANIFEST_ALGO
-            )
             meta["layout"] = {"format": LAYOUT, "order": names}
         else:
             stored = tree
@@ -118,29 +122,21 @@ class Checkpoints:
             ),
         )
 
-    def _pack_host(self, order: dict) -> dict[str, np.ndarray]:
-        """The leaves of ``order`` copied, in order, into this run's host buffers.
+    def _buffers(self, order: dict) -> dict[str, np.ndarray]:
+        """This run's host buffers for the packed state, one per dtype, sized for ``order``.
 
         Every save of a run reuses the same buffers, whose pages are already mapped: a new
         269 MiB array each save (a jitted concatenation's output, or orbax's own copy of a
         host array) made the kernel fault in and zero fresh pages, 0.1-0.5 s of system time
         a save with the main thread waiting (results/bench/NOTES.md, "End to end"). orbax
         writes straight from these buffers (``_registry``: no copy), so a save must be
-        finished before they are refilled. The bytes are the leaves' bytes.
+        finished before they are refilled.
         """
-        out = {}
         for dt, (_, leaves) in order.items():
             n = sum(int(x.size) for x in leaves)
-            buf = self._host.get(dt)
-            if buf is None or buf.shape != (n,):
-                buf = self._host[dt] = np.empty(n, dt)
-            at = 0
-            for x in leaves:
-                # np.asarray of a CPU array is a view of its buffer; elsewhere, a fetch.
-                buf[at : at + x.size] = np.asarray(x).reshape(-1)
-                at += x.size
-            out[dt] = buf
-        return out
+            if dt not in self._host or self._host[dt].shape != (n,):
+                self._host[dt] = np.empty(n, dt)
+        return {dt: self._host[dt] for dt in order}
 
     def wait(self) -> None:
         self._mngr.wait_until_finished()
@@ -290,6 +286,33 @@ def _order(tree) -> dict[str, tuple[list[str], list]]:
         names.append(hashing.path_str(p))
         leaves.append(x)
     return out
+
+
+def _fill_and_checksum(jobs: list) -> dict[str, str]:
+    """Copies each ``(path, destination view, leaf)`` and returns the manifest.
+
+    Runs while training waits for the save, so its threads have the cores to themselves:
+    the copies and crc32s release the GIL, and each thread checksums the leaves it has just
+    copied. The bytes are the leaves' bytes (``np.asarray`` of a CPU array is a view of its
+    buffer; elsewhere, a fetch).
+    """
+
+    def part(chunk):
+        out = {}
+        for path, dst, leaf in chunk:
+            dst[...] = np.asarray(leaf)
+            out[path] = hashing.crc32(dst)
+        return out
+
+    workers = max(1, min(_SAVE_THREADS, len(os.sched_getaffinity(0)), len(jobs)))
+    # contiguous chunks of about equal bytes
+    sizes = np.cumsum([dst.nbytes for _, dst, _ in jobs])
+    cuts = np.searchsorted(sizes, sizes[-1] * np.arange(1, workers) / workers) if jobs else []
+    chunks = [c for c in np.split(np.arange(len(jobs)), cuts) if len(c)]
+    with concurrent.futures.ThreadPoolExecutor(len(chunks) or 1) as pool:
+        parts = pool.map(part, [[jobs[i] for i in c] for c in chunks])
+        manifest = {k: v for p in parts for k, v in p.items()}
+    return {path: manifest[path] for path, _, _ in jobs}
 
 
 def _registry():
