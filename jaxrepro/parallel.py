@@ -180,6 +180,11 @@ class DataParallel:
     # -- placing data
     def shard_batch(self, local: Mapping | tuple, global_rows: int):
         """Host-local rows (this host's block) -> global arrays sharded along ``'data'``."""
+        local = jax.tree.map(np.asarray, local)
+        if self.process_count == 1 and all(
+            x.shape[:1] == (global_rows,) for x in jax.tree.leaves(local)
+        ):
+            return jax.device_put(local, self.batch)  # one call for the whole batch
 
         def put(x):
             x = np.asarray(x)

@@ -249,6 +249,16 @@ def test_order_depends_on_root_and_phase_and_is_pure():
     np.testing.assert_array_equal(first[0], order.batch_ids(_root(0), "pretrain", 7, 5, 50)[0])
     assert not np.array_equal(first[0], order.batch_ids(_root(1), "pretrain", 7, 5, 50)[0])
     assert not np.array_equal(first[0], order.batch_ids(_root(0), "finetune", 7, 5, 50)[0])
+    # the loop's host copy of the key gives the same order
+    key = order.host_key(_root(0))
+    assert order.host_key(key) is key
+    order._permutation.cache_clear()
+    for mode in ("drop", "stream"):
+        for step in (0, 7, 23):
+            want = order.batch_ids(_root(0), "pretrain", step, 5, 50, mode)
+            got = order.batch_ids(key, "pretrain", step, 5, 50, mode)
+            np.testing.assert_array_equal(want[0], got[0])
+            np.testing.assert_array_equal(want[1], got[1])
 
 
 def test_step_to_epoch_mapping_and_step_counts():

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import typing
 
 import jax
 import numpy as np
@@ -88,18 +89,35 @@ def _permutation(key_bytes: bytes, impl: str, phase: str, epoch: int, n: int) ->
     return perm
 
 
-def permutation(data_root: jax.Array, phase: str, epoch: int, num_examples: int) -> np.ndarray:
+class HostKey(typing.NamedTuple):
+    """A data root key as host bytes: what the example order needs of it, read once."""
+
+    data: bytes
+    impl: str
+
+
+def host_key(data_root: jax.Array | HostKey) -> HostKey:
+    """``data_root`` as a ``HostKey``; a training loop makes it once, not at every step
+    (each read of a device key is a dispatch and a fetch while the step computes)."""
+    if isinstance(data_root, HostKey):
+        return data_root
+    key_data = np.asarray(jax.device_get(rng.key_data(data_root)), np.uint32)
+    return HostKey(key_data.tobytes(), str(jax.random.key_impl(data_root)))
+
+
+def permutation(
+    data_root: jax.Array | HostKey, phase: str, epoch: int, num_examples: int
+) -> np.ndarray:
     """The example order of one epoch of one phase: a permutation of ``range(N)``."""
     rng.phase_index(phase)  # validates the phase name
     if int(epoch) < 0:
         raise ValueError(f"epoch must be >= 0, got {epoch}")
-    key_data = np.asarray(jax.device_get(rng.key_data(data_root)), np.uint32)
-    impl = str(jax.random.key_impl(data_root))
-    return _permutation(key_data.tobytes(), impl, phase, int(epoch), int(num_examples))
+    key = host_key(data_root)
+    return _permutation(key.data, key.impl, phase, int(epoch), int(num_examples))
 
 
 def batch_ids(
-    data_root: jax.Array,
+    data_root: jax.Array | HostKey,
     phase: str,
     step_in_phase: int,
     batch_size: int,
@@ -109,7 +127,8 @@ def batch_ids(
     """The example ids of one step, and the epoch each one belongs to.
 
     Args:
-      data_root: the data factor's root key (``rng.factor_root('data', seed)``).
+      data_root: the data factor's root key (``rng.factor_root('data', seed)``), or its
+        ``host_key``.
       phase: ``'pretrain'`` or ``'finetune'``.
       step_in_phase: the step, counted from 0 at the start of the phase.
       batch_size: examples per step (B).

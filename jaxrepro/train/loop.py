@@ -242,6 +242,7 @@ class Runner:
         self.origin = origin
         self.seeds = rng.resolve_seeds(config)
         self.roots = rng.roots(self.seeds)
+        self._data_key = order_lib.host_key(self.roots["data"])
         self.conv_impl = resolve_conv_impl(config)
         self.par = parallel.DataParallel(config.parallel.num_devices)
         self.primary = parallel.is_primary()  # only process 0 writes the workdir's files
@@ -362,7 +363,7 @@ class Runner:
         if self.origin is not None and step >= self.origin.step:
             position += self.origin.skip_batches
         return order_lib.batch_ids(
-            self.roots["data"],
+            self._data_key,
             phase.name,
             position,
             phase.batch_size,
