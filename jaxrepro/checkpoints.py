@@ -319,7 +319,7 @@ def _fill_and_checksum(jobs: list) -> dict[str, str]:
 def _registry():
     """orbax's standard type handlers, except that host arrays are written uncopied.
 
-    ``Checkpoints._pack_host``'s buffers are not changed until the save is finished, so
+    ``Checkpoints._buffers`` are not refilled until the previous save is finished, so
     orbax's defensive deep copy of a host array (another 269 MiB of fresh memory a save)
     is not needed.
     """
