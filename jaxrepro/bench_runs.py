@@ -83,8 +83,11 @@ def bench_startup(opts: dict) -> dict:
         raise ValueError(f"bench option init={opts['init']!r}; valid: {', '.join(INIT_CHOICES)}")
     if opts["runs"] < 1:
         raise ValueError(f"bench option runs must be >= 1, got {opts['runs']}")
+    from jaxrepro.bench import machine_info
+
     inits = ("module", "fast") if opts["init"] == "both" else (opts["init"],)
-    out = {"kind": "startup", "options": opts, "results": {}}
+    # the children inherit this process's environment, glibc's tunables included
+    out = {"kind": "startup", "options": opts, "machine": machine_info(), "results": {}}
     with tempfile.TemporaryDirectory(prefix="jaxrepro-startup-") as tmp:
         for init in inits:
             cache = os.path.join(tmp, f"cache-{init}")
@@ -494,7 +497,9 @@ def bench_memory(opts: dict) -> dict:
     configs = [c for c in opts["configs"].split(",") if c]
     if not configs:
         raise ValueError("bench option configs is empty")
-    out = {"kind": "memory", "options": opts, "runs": []}
+    from jaxrepro.bench import machine_info
+
+    out = {"kind": "memory", "options": opts, "machine": machine_info(), "runs": []}
     with tempfile.TemporaryDirectory(prefix="jaxrepro-mem-") as tmp:
         for i, cfg in enumerate(configs):
             out["runs"].append(peak_rss_of_run(cfg, os.path.join(tmp, f"w{i}"), opts["data_dir"]))

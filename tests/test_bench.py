@@ -161,6 +161,7 @@ def test_bench_startup_cold_then_warm(data_dir):
     opts = dict(bench_runs.STARTUP_DEFAULTS, config=SMOKE, init="fast", runs=2,
                 data_dir=data_dir)  # fmt: skip
     result = bench_runs.bench_startup(opts)
+    assert result["machine"]["cores"] >= 1 and "glibc_tunables" in result["machine"]
     cold, warm = result["results"]["fast"]
     assert (cold["cache"], warm["cache"]) == ("cold", "warm")
     for r in (cold, warm):
