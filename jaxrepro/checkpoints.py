@@ -34,6 +34,7 @@ from flax import serialization
 
 from jaxrepro import hashing
 from jaxrepro.errors import CheckpointError
+from jaxrepro.train import runinfo
 
 MANIFEST_ALGO = "crc32"  # per-array checksums of new checkpoints (hashing.leaf_checksums)
 LAYOUT = "packed-v1"  # meta['layout']['format'] of packed checkpoints
@@ -305,7 +306,7 @@ def _fill_and_checksum(jobs: list) -> dict[str, str]:
             out[path] = hashing.crc32(dst)
         return out
 
-    workers = max(1, min(_SAVE_THREADS, len(os.sched_getaffinity(0)), len(jobs)))
+    workers = max(1, min(_SAVE_THREADS, runinfo.cpu_threads(), len(jobs)))
     # contiguous chunks of about equal bytes
     sizes = np.cumsum([dst.nbytes for _, dst, _ in jobs])
     cuts = np.searchsorted(sizes, sizes[-1] * np.arange(1, workers) / workers) if jobs else []

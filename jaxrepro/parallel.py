@@ -187,7 +187,6 @@ class DataParallel:
             return jax.device_put(local, self.batch)  # one call for the whole batch
 
         def put(x):
-            x = np.asarray(x)
             return jax.make_array_from_process_local_data(
                 self.batch, x, (global_rows, *x.shape[1:])
             )
