@@ -12,11 +12,12 @@
   ``checkpoint.every=0``; and ``replay.replay`` of k steps against the original k steps.
   Rounds alternate the variants.
 * ``checkpoint``: the cost of one save of the config's train state (params, batch
-  statistics, Adam moments) as the loop writes it (packed: one array per dtype) and one
-  orbax array per leaf (the layout before packing), alternated: the time the caller is
-  held, the time to the save's end, the process CPU time over that span (orbax's
-  threads included: on a 2-core machine, time taken from training), and a restore,
-  checked bit for bit.
+  statistics, Adam moments) as the loop writes it (packed: one array per dtype, as raw
+  files around the page cache), the same packed arrays written by orbax (the layout
+  before raw files) and one orbax array per leaf (before packing), alternated: the
+  time the caller is held, the time to the save's end, the process CPU time over that
+  span (the writing threads included: on a 2-core machine, time taken from training),
+  and a restore, checked bit for bit.
 * ``memory``: peak resident memory (``ru_maxrss`` of the child, from ``wait4``) of whole
   ``jaxrepro train`` runs.
 
@@ -425,7 +426,7 @@ def _e2e_summary(opts, config, rounds) -> dict:
 
 # ----------------------------------------------------------------------------- checkpoint
 
-CHECKPOINT_LAYOUTS = ("packed", "leaves")
+CHECKPOINT_LAYOUTS = ("raw", "orbax-packed", "leaves")
 
 
 def bench_checkpoint(opts: dict) -> dict:
@@ -453,7 +454,7 @@ def bench_checkpoint(opts: dict) -> dict:
             for layout in CHECKPOINT_LAYOUTS:
                 ckpts = Checkpoints(os.path.join(tmp, f"{layout}{r}"))
                 t0, c0 = time.perf_counter(), os.times()
-                ckpts.save(1, state, {}, packed=layout == "packed")
+                ckpts.save(1, state, {}, layout=layout)
                 t1 = time.perf_counter()
                 ckpts.wait()
                 t2, c2 = time.perf_counter(), os.times()
@@ -477,12 +478,15 @@ def bench_checkpoint(opts: dict) -> dict:
         "state": {"model": config.model.name, "arrays": len(leaves),
                   "mib": sum(np.asarray(x).nbytes for x in leaves) / 2**20},
         "median": {lay: {k: _median(rows, k) for k in keys} for lay, rows in rounds.items()},
-        # per round: leaves / packed (> 1: what packing saves)
-        "leaves_over_packed": {
-            k: statistics.median(
-                b[k] / a[k] for a, b in zip(rounds["packed"], rounds["leaves"], strict=True)
-            )
-            for k in keys
+        # per round, another layout / the raw files the loop writes (> 1: what they save)
+        **{
+            f"{other.replace('-', '_')}_over_raw": {
+                k: statistics.median(
+                    b[k] / a[k] for a, b in zip(rounds["raw"], rounds[other], strict=True)
+                )
+                for k in keys
+            }
+            for other in CHECKPOINT_LAYOUTS[1:]
         },
         "rounds": rounds,
     }  # fmt: skip

@@ -5,15 +5,16 @@ count) and a JSON ``meta`` item: phase, architecture, and a crc32 of every array
 on restore; older checkpoints carry sha256 digests, which are checked as such). Keys
 are derived and the data position is the step, so neither is stored.
 
-The state is stored *packed*: one flat array per dtype (``state/float32``,
-``state/int32``), the leaves concatenated in the order that ``meta['layout']`` lists,
-with their shapes in ``meta['shapes']``. A save then costs orbax one array instead of
-~590 (a ResNet-50 with its Adam moments): with the packed copy made into host buffers
-that every save of a run reuses, 4.3x less CPU a save than one array per leaf (CPU that
-a 2-core machine takes from training) and ~540 MiB less peak memory in a digits run
-(``jaxrepro bench checkpoint``; results/bench/NOTES.md, "End to end").
-``Checkpoints.restore`` and ``arrays`` give the tree back; checkpoints written before
-packing (one orbax array per leaf, no ``layout``) are still read.
+The state is stored *packed*: one flat array per dtype (``packed/float32.bin``,
+``packed/int32.bin``), the leaves concatenated in the order that ``meta['layout']``
+lists, with their shapes in ``meta['shapes']``. The packed copy is made into host
+buffers that every save of a run reuses, and written as raw files around the page cache
+(``rawio``: ``O_DIRECT``, buffered where the filesystem refuses it). Against one orbax
+array per leaf that is a fraction of the CPU a save takes from training on a 2-core
+machine and ~540 MiB less peak memory in a digits run (``jaxrepro bench checkpoint``;
+results/bench/NOTES.md, "End to end"). ``Checkpoints.restore`` and ``arrays`` give the
+tree back; older layouts are still read: the packed arrays as orbax arrays (``state``
+item, ``packed-v1``) and one orbax array per leaf (no ``layout``).
 
 Retention is ours, not orbax's ``max_to_keep``: keep the latest ``keep_last``, every
 ``keep_every``-th step, and every *protected* step (the checkpoint before each recorded
@@ -32,12 +33,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
 
-from jaxrepro import hashing
+from jaxrepro import hashing, rawio
 from jaxrepro.errors import CheckpointError
 from jaxrepro.train import runinfo
 
 MANIFEST_ALGO = "crc32"  # per-array checksums of new checkpoints (hashing.leaf_checksums)
-LAYOUT = "packed-v1"  # meta['layout']['format'] of packed checkpoints
+LAYOUT = "packed-raw-v1"  # meta['layout']['format'] of new checkpoints (item 'packed')
+ORBAX_PACKED = "packed-v1"  # the packed arrays as orbax arrays (item 'state'), read only
+SAVE_LAYOUTS = ("raw", "orbax-packed", "leaves")  # Checkpoints.save(layout=...)
 _SAVE_THREADS = 4  # at most, for a save's copy and checksums (fewer with fewer cores)
 
 
@@ -69,10 +72,11 @@ class Checkpoints:
                     use_compression=False, type_handler_registry=_registry()
                 ),
                 "meta": ocp.JsonCheckpointHandler(),
+                "packed": rawio.RawArraysHandler(),
             },
         )
         # The packed state's host buffers, one per dtype, reused by every save of this
-        # run: fresh memory for 269 MiB costs more than writing it (see ``save``).
+        # run: fresh memory for 269 MiB costs more than writing it (see ``_buffers``).
         self._host: dict[str, np.ndarray] = {}
 
     # -- listing
@@ -88,19 +92,22 @@ class Checkpoints:
         return before[-1] if before else None
 
     # -- saving
-    def save(self, step: int, state, meta: dict, *, packed: bool = True) -> None:
+    def save(self, step: int, state, meta: dict, *, layout: str = "raw") -> None:
         """Starts an async save; ``wait()`` before relying on it (and before exit).
 
         Blocks until the state is computed (the manifest needs its bytes), not for the
         write; the packed copy is the save's own, so the caller may donate ``state``.
-        ``packed=False`` writes one orbax array per leaf, the layout before packing (for
-        ``jaxrepro bench checkpoint``; the caller must not donate ``state`` before
+        ``layout`` (for ``jaxrepro bench checkpoint``): ``"orbax-packed"`` writes the
+        packed arrays through orbax (the layout before raw files), ``"leaves"`` one orbax
+        array per leaf (before packing; the caller must not donate ``state`` before
         ``wait()``, as orbax copies it asynchronously).
         """
+        if layout not in SAVE_LAYOUTS:
+            raise ValueError(f"unknown checkpoint layout {layout!r}; one of {SAVE_LAYOUTS}")
         tree = serialization.to_state_dict(state)
         shapes = _shapes(tree)
         meta = dict(meta, step=int(step), manifest_algo=MANIFEST_ALGO, shapes=shapes)
-        if packed:
+        if layout != "leaves":
             order = _order(tree)
             names = {dt: names for dt, (names, _) in order.items()}
             # The previous save may still be writing from the buffers being refilled.
@@ -111,18 +118,19 @@ class Checkpoints:
                 (n, views[n], x) for ns, xs in order.values() for n, x in zip(ns, xs, strict=True)
             ]
             meta["manifest"] = _fill_and_checksum(jobs)
-            # orbax refuses empty arrays: a dtype whose leaves are all empty is in the layout
-            stored = {dt: buf for dt, buf in host.items() if buf.size}
-            meta["layout"] = {"format": LAYOUT, "order": names}
+            if layout == "raw":
+                meta["layout"] = {"format": LAYOUT, "order": names}
+                item = {"packed": rawio.RawArraysSave(host)}
+            else:
+                # orbax refuses empty arrays: a dtype whose leaves are all empty is in the
+                # layout only
+                stored = {dt: buf for dt, buf in host.items() if buf.size}
+                meta["layout"] = {"format": ORBAX_PACKED, "order": names}
+                item = {"state": ocp.args.PyTreeSave(stored)}
         else:
-            stored = tree
             meta["manifest"] = hashing.leaf_checksums(tree, MANIFEST_ALGO)
-        self._mngr.save(
-            int(step),
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeSave(stored), meta=ocp.args.JsonSave(meta)
-            ),
-        )
+            item = {"state": ocp.args.PyTreeSave(tree)}
+        self._mngr.save(int(step), args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **item))
 
     def _buffers(self, order: dict) -> dict[str, np.ndarray]:
         """This run's host buffers for the packed state, one per dtype, sized for ``order``.
@@ -130,14 +138,14 @@ class Checkpoints:
         Every save of a run reuses the same buffers, whose pages are already mapped: a new
         269 MiB array each save (a jitted concatenation's output, or orbax's own copy of a
         host array) made the kernel fault in and zero fresh pages, 0.1-0.5 s of system time
-        a save with the main thread waiting (results/bench/NOTES.md, "End to end"). orbax
-        writes straight from these buffers (``_registry``: no copy), so a save must be
-        finished before they are refilled.
+        a save with the main thread waiting (results/bench/NOTES.md, "End to end"). The
+        writes read straight from these buffers (page aligned for ``O_DIRECT``; orbax's
+        without a copy, ``_registry``), so a save must be finished before they are refilled.
         """
         for dt, (_, leaves) in order.items():
             n = sum(int(x.size) for x in leaves)
             if dt not in self._host or self._host[dt].shape != (n,):
-                self._host[dt] = np.empty(n, dt)
+                self._host[dt] = rawio.aligned_empty(n, dt)
         return {dt: self._host[dt] for dt in order}
 
     def wait(self) -> None:
@@ -217,16 +225,20 @@ class Checkpoints:
             tree = self._restore_state(step, ocp.args.PyTreeRestore(restore_args=args))
             flat = jax.tree_util.tree_flatten_with_path(tree)[0]
             return {hashing.path_str(p): np.asarray(x) for p, x in flat}
-        if layout.get("format") != LAYOUT:
+        if layout.get("format") not in (LAYOUT, ORBAX_PACKED):
             raise CheckpointError(
                 f"checkpoint {step} in {self.directory}: unknown layout {layout.get('format')!r}"
-                f" (this version reads {LAYOUT!r})"
+                f" (this version reads {LAYOUT!r} and {ORBAX_PACKED!r})"
             )
         order, shapes = layout["order"], meta["shapes"]
         sizes = {dt: sum(_size(shapes[n][0]) for n in names) for dt, names in order.items()}
-        args = {dt: ocp.RestoreArgs(restore_type=np.ndarray) for dt, n in sizes.items() if n}
-        packed = self._restore_state(step, ocp.args.PyTreeRestore(restore_args=args))
-        packed.update({dt: np.zeros(0, dt) for dt, n in sizes.items() if not n})
+        if layout["format"] == LAYOUT:
+            counts = {dt: (dt, n) for dt, n in sizes.items()}
+            packed = self._restore_item(step, "packed", rawio.RawArraysRestore(counts))
+        else:
+            args = {dt: ocp.RestoreArgs(restore_type=np.ndarray) for dt, n in sizes.items() if n}
+            packed = self._restore_state(step, ocp.args.PyTreeRestore(restore_args=args))
+            packed.update({dt: np.zeros(0, dt) for dt, n in sizes.items() if not n})
         for dt, n in sizes.items():
             got = packed.get(dt)
             if got is None or got.shape != (n,) or str(got.dtype) != dt:
@@ -238,14 +250,19 @@ class Checkpoints:
         return _unpack_host(packed, order, shapes)
 
     def _restore_state(self, step: int, args):
+        return self._restore_item(step, "state", args)
+
+    def _restore_item(self, step: int, name: str, args):
         try:
-            out = self._mngr.restore(step, args=ocp.args.Composite(state=args))
+            out = self._mngr.restore(step, args=ocp.args.Composite(**{name: args}))
+        except CheckpointError as e:
+            raise CheckpointError(f"checkpoint {step} in {self.directory}: {e}") from e
         except Exception as e:
             raise CheckpointError(
                 f"checkpoint {step} in {self.directory} could not be read: "
                 f"{type(e).__name__}: {str(e)[:300]}"
             ) from e
-        return out["state"]
+        return out[name]
 
     def _check_manifest(self, step: int, meta: dict, tree, algo: str) -> None:
         bad = _mismatched(meta["manifest"], hashing.leaf_checksums(tree, algo))

@@ -137,11 +137,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(straight, data_dir, tmp_path):
 
 
 def _largest_data_file(step_dir):
-    files = [
-        p
-        for p in glob.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True)
-        if os.path.isfile(p) and "/d/" in p
-    ]
+    files = glob.glob(os.path.join(step_dir, "packed", "*.bin"))
     return max(files, key=os.path.getsize)
 
 
@@ -160,6 +156,12 @@ def test_flipped_byte_is_refused_naming_the_array(data_dir, tmp_path):
     )
     with pytest.raises(CheckpointError, match=r"corrupt: array\(s\) \S+"):
         runner._restore(Checkpoints(ckpt_dir, read_only=True), 4)
+    # a truncated file is refused by its size, before any checksum
+    with open(target, "r+b") as f:
+        f.truncate(len(data) - 4096)
+    with pytest.raises(CheckpointError, match=r"float32.bin is corrupt: \d+ bytes, expected"):
+        runner._restore(Checkpoints(ckpt_dir, read_only=True), 4)
+    assert os.path.getsize(target) == len(data) - 4096  # nothing on disk was touched
 
 
 def test_checkpoint_of_another_architecture_is_refused(data_dir, tmp_path):
@@ -232,7 +234,7 @@ def test_manifest_checksums_new_and_legacy(tmp_path):
     ckpts.close()
 
 
-def test_state_is_saved_packed_and_read_back_in_both_layouts(tmp_path):
+def test_state_is_saved_packed_and_read_back_in_every_layout(tmp_path):
     import jax
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
@@ -251,22 +253,37 @@ def test_state_is_saved_packed_and_read_back_in_both_layouts(tmp_path):
     ckpts = Checkpoints(str(tmp_path / "ck"))
     ckpts.save(1, tree, {})
     _legacy_save(ckpts, 2, legacy, hashing.leaf_hashes(legacy))
+    ckpts.save(4, tree, {}, layout="orbax-packed")
+    ckpts.save(5, legacy, {}, layout="leaves")  # orbax: no empty arrays
     ckpts.wait()
-    # on disk: one flat array per dtype, in the order the layout lists
+    with pytest.raises(ValueError, match="unknown checkpoint layout 'flat'"):
+        ckpts.save(6, tree, {}, layout="flat")
+    # on disk: one flat array per dtype, in the order the layout lists, as raw files
     meta = ckpts.meta(1)
-    assert meta["layout"]["format"] == ckpt_lib.LAYOUT
+    assert meta["layout"]["format"] == ckpt_lib.LAYOUT == "packed-raw-v1"
     assert meta["layout"]["order"] == {
         "float32": ["u", "w", "z"],
         "int32": ["b/s", "b/v"],
         "uint8": ["e"],
     }
-    raw = ocp.PyTreeCheckpointer().restore(str(tmp_path / "ck" / "1" / "state"))
+    f32 = np.concatenate([np.ravel(tree[k]) for k in ("u", "w", "z")])
+    item = tmp_path / "ck" / "1" / "packed"
+    for dt, want in (("float32", f32), ("int32", [7, 1, 1, 1, 1, 1]), ("uint8", [])):
+        data = (item / f"{dt}.bin").read_bytes()
+        assert len(data) == -(-np.asarray(want, dt).nbytes // 4096) * 4096  # zero padded
+        n = np.asarray(want, dt).nbytes
+        np.testing.assert_array_equal(np.frombuffer(data[:n], dt), want)
+        assert not any(data[n:])
+    assert not os.path.exists(tmp_path / "ck" / "1" / "state")
+    # the same packed arrays through orbax (the layout before raw files)
+    assert ckpts.meta(4)["layout"]["format"] == ckpt_lib.ORBAX_PACKED
+    raw = ocp.PyTreeCheckpointer().restore(str(tmp_path / "ck" / "4" / "state"))
     assert sorted(raw) == ["float32", "int32"]
-    np.testing.assert_array_equal(
-        raw["float32"], np.concatenate([np.ravel(tree[k]) for k in ("u", "w", "z")])
-    )
+    np.testing.assert_array_equal(raw["float32"], f32)
     np.testing.assert_array_equal(raw["int32"], [7, 1, 1, 1, 1, 1])
-    for step, saved in ((1, tree), (2, legacy)):  # packed; one array per leaf (older)
+    assert "layout" not in ckpts.meta(5)
+    # raw files; one array per leaf (older, sha256); orbax-packed; one array per leaf
+    for step, saved in ((1, tree), (2, legacy), (4, tree), (5, legacy)):
         want = {
             hashing.path_str(p): np.asarray(x)
             for p, x in jax.tree_util.tree_flatten_with_path(saved)[0]
@@ -281,13 +298,10 @@ def test_state_is_saved_packed_and_read_back_in_both_layouts(tmp_path):
     assert sorted(ckpts.arrays(1)) == ["b/s", "b/v", "e", "u", "w", "z"]
     # a layout this version does not know is refused by name
     bad = dict(meta, layout={"format": "packed-v9", "order": meta["layout"]["order"]})
-    ckpts._mngr.save(
-        3,
-        args=ocp.args.Composite(state=ocp.args.PyTreeSave(raw), meta=ocp.args.JsonSave(bad)),
-    )
+    ckpts._mngr.save(9, args=ocp.args.Composite(meta=ocp.args.JsonSave(bad)))
     ckpts.wait()
     with pytest.raises(CheckpointError, match="unknown layout 'packed-v9'"):
-        ckpts.restore(3, tree)
+        ckpts.restore(9, tree)
     ckpts.close()
 
 
