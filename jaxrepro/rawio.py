@@ -147,16 +147,12 @@ def _read(path: str, view: memoryview, extra_flags: int) -> None:
 class RawArraysHandler(ocp.AsyncCheckpointHandler):
     """Saves ``{name: aligned_empty array}`` as ``<name>.bin`` files plus an index."""
 
-    def __init__(self):
-        self.modes: list[str] = []  # how each file was written, latest last (for tests)
-
     def _write_all(self, directory, arrays: dict) -> None:
         if jax.process_index() != 0:
             return
         index = {}
         for name, array in arrays.items():
-            path = os.path.join(os.fspath(directory), name + SUFFIX)
-            self.modes.append(write_file(path, file_bytes(array)))
+            write_file(os.path.join(os.fspath(directory), name + SUFFIX), file_bytes(array))
             index[name] = {"dtype": str(array.dtype), "count": int(array.size)}
         with open(os.path.join(os.fspath(directory), INDEX), "w") as f:
             json.dump(index, f, sort_keys=True)
