@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import io
 import json
 import os
 
@@ -75,13 +76,16 @@ def _aligned(view: memoryview) -> bool:
 
 
 def write_file(path: str, data: memoryview, *, direct: bool | None = None) -> str:
-    """Writes ``data`` to ``path`` and fsyncs it; returns ``"direct"`` or ``"buffered"``."""
+    """Writes ``data`` to ``path`` and fsyncs it; returns ``"direct"`` or ``"buffered"``.
+
+    A filesystem that refuses ``O_DIRECT`` (EINVAL at open or at a write: tmpfs, some
+    FUSE) gets the same bytes written again, buffered; any other error is raised."""
     direct = direct_io_enabled() if direct is None else direct
     if direct and _aligned(data):
         try:
             _write(path, data, os.O_DIRECT)
             return "direct"
-        except OSError as e:  # the filesystem refuses O_DIRECT (tmpfs, some FUSE)
+        except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
     _write(path, data, 0)
@@ -89,11 +93,12 @@ def write_file(path: str, data: memoryview, *, direct: bool | None = None) -> st
 
 
 def _write(path: str, data: memoryview, extra_flags: int) -> None:
+    # Sequential writes of whole chunks: with O_DIRECT every offset stays aligned.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | extra_flags, 0o644)
     try:
         at = 0
         while at < len(data):
-            at += os.pwrite(fd, data[at : at + _CHUNK], at)
+            at += os.write(fd, data[at : at + _CHUNK])
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -105,17 +110,18 @@ def read_file(path: str, count: int, dtype, *, direct: bool | None = None) -> np
     Refuses a file whose size is not the padded size of ``count`` items (truncated, or
     another array's)."""
     dtype = np.dtype(dtype)
-    out = aligned_empty(count, dtype)
-    view = file_bytes(out)
+    want = padded(count * dtype.itemsize)
     try:
         size = os.path.getsize(path)
     except OSError as e:
         raise CheckpointError(f"{path}: missing ({e.strerror})") from e
-    if size != len(view):
+    if size != want:
         raise CheckpointError(
-            f"{path} is corrupt: {size} bytes, expected {len(view)} ({count} x {dtype} padded "
+            f"{path} is corrupt: {size} bytes, expected {want} ({count} x {dtype} padded "
             f"to {ALIGN})"
         )
+    out = aligned_empty(count, dtype)  # only once the size is known to be right
+    view = file_bytes(out)
     direct = direct_io_enabled() if direct is None else direct
     if direct:
         try:
@@ -131,10 +137,10 @@ def read_file(path: str, count: int, dtype, *, direct: bool | None = None) -> np
 def _read(path: str, view: memoryview, extra_flags: int) -> None:
     fd = os.open(path, os.O_RDONLY | extra_flags)
     try:
-        at = 0
+        f, at = io.FileIO(fd, closefd=False), 0  # unbuffered: reads land in ``view`` itself
         while at < len(view):
-            n = os.preadv(fd, [view[at : at + _CHUNK]], at)
-            if n == 0:
+            n = f.readinto(view[at : at + _CHUNK])
+            if not n:
                 raise CheckpointError(f"{path}: ended after {at} of {len(view)} bytes")
             at += n
     finally:

@@ -87,6 +87,23 @@ def test_a_filesystem_refusing_o_direct_gets_a_buffered_write(tmp_path, monkeypa
         rawio.write_file(str(tmp_path / "y.bin"), rawio.file_bytes(a))
 
 
+@needs_direct
+def test_a_write_refused_after_open_is_written_again_buffered(tmp_path, monkeypatch):
+    a = _filled(5000, np.float32)
+    real, calls = os.write, []
+
+    def refuse_first(fd, data):
+        calls.append(len(data))
+        if len(calls) == 1:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data)
+
+    monkeypatch.setattr(rawio.os, "write", refuse_first)
+    assert rawio.write_file(str(tmp_path / "x.bin"), rawio.file_bytes(a)) == "buffered"
+    assert len(calls) == 2
+    assert np.array_equal(rawio.read_file(str(tmp_path / "x.bin"), a.size, np.float32), a)
+
+
 def test_direct_io_can_be_switched_off(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXREPRO_DIRECT_IO", "0")
     calls = _spy_open(monkeypatch)
@@ -101,6 +118,9 @@ def test_bad_files_are_refused_by_name(tmp_path):
     rawio.write_file(path, rawio.file_bytes(a))
     with pytest.raises(CheckpointError, match=r"x.bin is corrupt: 12288 bytes, expected 16384"):
         rawio.read_file(path, 4000, np.float32)  # another array's size
+    # a corrupt index's absurd count is refused by the size, before any allocation
+    with pytest.raises(CheckpointError, match=r"x.bin is corrupt: 12288 bytes"):
+        rawio.read_file(path, 10**15, np.float32)
     with pytest.raises(CheckpointError, match=r"nope.bin: missing"):
         rawio.read_file(str(tmp_path / "nope.bin"), 3000, np.float32)
 
