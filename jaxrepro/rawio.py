@@ -8,8 +8,9 @@ save on this 2-core VM, taken from training (results/bench/NOTES.md, "Session 5"
 for the same 269 MiB. So this module writes each array to ``<name>.bin`` from a
 page-aligned buffer, zero padded to a multiple of ``ALIGN`` bytes, with ``O_DIRECT``
 where the OS and filesystem allow it and a buffered write (the same bytes) where they
-do not (tmpfs, macOS, ``JAXREPRO_DIRECT_IO=0``); then ``fsync``. Reads check the size
-and do the same. The bytes' checksums are the checkpoint manifest's, checked on restore.
+do not (older tmpfs, some FUSE and network filesystems, macOS,
+``JAXREPRO_DIRECT_IO=0``); then ``fsync``. Reads check the size and do the same. The
+bytes' checksums are the checkpoint manifest's, checked on restore.
 
 ``RawArraysHandler`` is the orbax item handler: orbax keeps doing what it is good at
 (step directories, atomic finalization, async commit, multi-host barriers); only the
@@ -78,7 +79,7 @@ def _aligned(view: memoryview) -> bool:
 def write_file(path: str, data: memoryview, *, direct: bool | None = None) -> str:
     """Writes ``data`` to ``path`` and fsyncs it; returns ``"direct"`` or ``"buffered"``.
 
-    A filesystem that refuses ``O_DIRECT`` (EINVAL at open or at a write: tmpfs, some
+    A filesystem that refuses ``O_DIRECT`` (EINVAL at open or at a write: older tmpfs, some
     FUSE) gets the same bytes written again, buffered; any other error is raised."""
     direct = direct_io_enabled() if direct is None else direct
     if direct and _aligned(data):
