@@ -195,8 +195,9 @@ class Checkpoints:
             tree = jax.tree_util.tree_unflatten(treedef, leaves)
         else:  # one orbax array per leaf (before packing)
             abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_tree)
-            tree = self._restore_state(
+            tree = self._restore_item(
                 step,
+                "state",
                 ocp.args.PyTreeRestore(
                     abstract,
                     restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
@@ -222,7 +223,7 @@ class Checkpoints:
                     f"{type(e).__name__}: {str(e)[:300]}"
                 ) from e
             args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored)
-            tree = self._restore_state(step, ocp.args.PyTreeRestore(restore_args=args))
+            tree = self._restore_item(step, "state", ocp.args.PyTreeRestore(restore_args=args))
             flat = jax.tree_util.tree_flatten_with_path(tree)[0]
             return {hashing.path_str(p): np.asarray(x) for p, x in flat}
         if layout.get("format") not in (LAYOUT, ORBAX_PACKED):
@@ -237,7 +238,7 @@ class Checkpoints:
             packed = self._restore_item(step, "packed", rawio.RawArraysRestore(counts))
         else:
             args = {dt: ocp.RestoreArgs(restore_type=np.ndarray) for dt, n in sizes.items() if n}
-            packed = self._restore_state(step, ocp.args.PyTreeRestore(restore_args=args))
+            packed = self._restore_item(step, "state", ocp.args.PyTreeRestore(restore_args=args))
             packed.update({dt: np.zeros(0, dt) for dt, n in sizes.items() if not n})
         for dt, n in sizes.items():
             got = packed.get(dt)
@@ -248,9 +249,6 @@ class Checkpoints:
                     f"says ({n},)"
                 )
         return _unpack_host(packed, order, shapes)
-
-    def _restore_state(self, step: int, args):
-        return self._restore_item(step, "state", args)
 
     def _restore_item(self, step: int, name: str, args):
         try:

@@ -81,15 +81,20 @@ def write_file(path: str, data: memoryview, *, direct: bool | None = None) -> st
 
     A filesystem that refuses ``O_DIRECT`` (EINVAL at open or at a write: older tmpfs, some
     FUSE) gets the same bytes written again, buffered; any other error is raised."""
+    return _direct_or_buffered(_write, path, data, direct)
+
+
+def _direct_or_buffered(io_fn, path: str, view: memoryview, direct: bool | None) -> str:
+    """``io_fn(path, view, O_DIRECT)``, or again with no flag where EINVAL refuses it."""
     direct = direct_io_enabled() if direct is None else direct
-    if direct and _aligned(data):
+    if direct and _aligned(view):
         try:
-            _write(path, data, os.O_DIRECT)
+            io_fn(path, view, os.O_DIRECT)
             return "direct"
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
-    _write(path, data, 0)
+    io_fn(path, view, 0)
     return "buffered"
 
 
@@ -122,16 +127,7 @@ def read_file(path: str, count: int, dtype, *, direct: bool | None = None) -> np
             f"to {ALIGN})"
         )
     out = aligned_empty(count, dtype)  # only once the size is known to be right
-    view = file_bytes(out)
-    direct = direct_io_enabled() if direct is None else direct
-    if direct:
-        try:
-            _read(path, view, os.O_DIRECT)
-            return out
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-    _read(path, view, 0)
+    _direct_or_buffered(_read, path, file_bytes(out), direct)
     return out
 
 
