@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -379,6 +380,15 @@ def _median(rows: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
 
+def _median_ratio(num: list[dict], den: list[dict], key: str) -> float | None:
+    """Median over rounds of num[key] / den[key]; None when a round measured zero (a
+    small state's save can take less CPU time than the clock resolves)."""
+    pairs = list(zip(num, den, strict=True))
+    if any(d[key] <= 0 for _, d in pairs):
+        return None
+    return statistics.median(n[key] / d[key] for n, d in pairs)
+
+
 def _e2e_summary(opts, config, rounds) -> dict:
     from jaxrepro.bench import machine_info
 
@@ -453,11 +463,11 @@ def bench_checkpoint(opts: dict) -> dict:
         for r in range(opts["rounds"]):
             for layout in CHECKPOINT_LAYOUTS:
                 ckpts = Checkpoints(os.path.join(tmp, f"{layout}{r}"))
-                t0, c0 = time.perf_counter(), os.times()
+                t0, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
                 ckpts.save(1, state, {}, layout=layout)
                 t1 = time.perf_counter()
                 ckpts.wait()
-                t2, c2 = time.perf_counter(), os.times()
+                t2, c2 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
                 got, _ = ckpts.restore(1, state)
                 got = jax.block_until_ready(got)
                 t3 = time.perf_counter()
@@ -466,8 +476,9 @@ def bench_checkpoint(opts: dict) -> dict:
                 ckpts.close()
                 rounds[layout].append({
                     "save_held_s": t1 - t0, "save_total_s": t2 - t0,
-                    "save_cpu_s": (c2.user - c0.user) + (c2.system - c0.system),
-                    "save_user_s": c2.user - c0.user, "save_system_s": c2.system - c0.system,
+                    "save_cpu_s": (c2.ru_utime - c0.ru_utime) + (c2.ru_stime - c0.ru_stime),
+                    "save_user_s": c2.ru_utime - c0.ru_utime,
+                    "save_system_s": c2.ru_stime - c0.ru_stime,
                     "restore_s": t3 - t2,
                 })  # fmt: skip
                 shutil.rmtree(ckpts.directory, ignore_errors=True)
@@ -481,9 +492,7 @@ def bench_checkpoint(opts: dict) -> dict:
         # per round, another layout / the raw files the loop writes (> 1: what they save)
         **{
             f"{other.replace('-', '_')}_over_raw": {
-                k: statistics.median(
-                    b[k] / a[k] for a, b in zip(rounds["raw"], rounds[other], strict=True)
-                )
+                k: _median_ratio(rounds[other], rounds["raw"], k)
                 for k in keys
             }
             for other in CHECKPOINT_LAYOUTS[1:]

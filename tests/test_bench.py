@@ -159,6 +159,16 @@ def test_bench_checkpoint_smoke(data_dir):
         bench_runs.bench_checkpoint(dict(opts, rounds=0))
 
 
+def test_median_ratio_of_a_zero_measurement_is_none():
+    # A small state's save can take less CPU time than the clock resolves: the ratio over
+    # it has no value, and the bench must still write its other figures.
+    num = [{"t": 2.0}, {"t": 6.0}, {"t": 3.0}]
+    assert bench_runs._median_ratio(num, [{"t": 1.0}, {"t": 2.0}, {"t": 1.0}], "t") == 3.0
+    assert bench_runs._median_ratio(num, [{"t": 1.0}, {"t": 0.0}, {"t": 1.0}], "t") is None
+    with pytest.raises(ValueError):
+        bench_runs._median_ratio(num, [{"t": 1.0}], "t")
+
+
 def test_bench_startup_cold_then_warm(data_dir):
     opts = dict(bench_runs.STARTUP_DEFAULTS, config=SMOKE, init="fast", runs=2,
                 data_dir=data_dir)  # fmt: skip
