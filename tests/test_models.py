@@ -1,6 +1,7 @@
 """The ResNet family: layout, parameter counts, inits, and the equivalence of impls."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -487,6 +488,15 @@ def test_deterministic_maxpool_gradient_has_no_scatter():
 
     assert "select_and_scatter" in hlo(pooling.max_pool_lax)  # what the GPU flag refuses
     assert "scatter" not in hlo(pooling.max_pool_deterministic)
+
+
+def test_deterministic_maxpool_backward_computes_the_selection_once():
+    # The window selection is stored (an s8 buffer in the compiled program), not fused
+    # into the scatter, where XLA would recompute it for each of the nine offsets.
+    x, dy = jnp.ones((2, 16, 16, 8)), jnp.ones((2, 8, 8, 8))
+    hlo = _pool_vjp_jit.lower(pooling.max_pool_deterministic, x, dy).compile().as_text()
+    entry = hlo[hlo.index("ENTRY") :]
+    assert re.search(r"= s8\[2,8,8,8\]\S* fusion\(", entry), entry
 
 
 def test_model_deterministic_maxpool_is_bitwise_lax(tiny_reference):
