@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxrepro import models, rng
-from jaxrepro.models import layers, pooling
+from jaxrepro.models import fusion, layers, pooling
 from jaxrepro.models.batchnorm import _bn_fused, batch_norm_train_plain
 
 # torchvision's parameter counts (1000 classes).
@@ -497,6 +497,23 @@ def test_deterministic_maxpool_backward_computes_the_selection_once():
     hlo = _pool_vjp_jit.lower(pooling.max_pool_deterministic, x, dy).compile().as_text()
     entry = hlo[hlo.index("ENTRY") :]
     assert re.search(r"= s8\[2,8,8,8\]\S* fusion\(", entry), entry
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.int8])
+def test_stored_is_the_identity_and_xla_keeps_it(dtype):
+    if dtype == jnp.float32:
+        values = [np.nan, -0.0, 0.0, -np.inf, np.inf, 1e-45, -3.5, 7.25]
+    else:
+        values = [-128, -1, 0, 1, 127, 5, -7, 3]
+    a = jnp.asarray(np.array(values * 4).reshape(4, 8), dtype)
+    fn = jax.jit(fusion.stored)
+    np.testing.assert_array_equal(_bits(fn(a)), _bits(a))
+    # XLA keeps the loop that makes it a stored buffer (it removes optimization barriers)
+    assert " while(" in fn.lower(a).compile().as_text()
+    if dtype == jnp.float32:
+        x = jnp.arange(6.0).reshape(2, 3)
+        g = jax.grad(lambda x: jnp.sum(fusion.stored(x * x) * 3.0))(x)
+        np.testing.assert_array_equal(g, 6.0 * x)
 
 
 def test_model_deterministic_maxpool_is_bitwise_lax(tiny_reference):

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxrepro.models.fusion import stored
+
 MAXPOOL_IMPLS = ("lax", "deterministic")
 
 
@@ -80,25 +82,12 @@ def _mp_fwd(x, window, stride, padding):
     return max_pool_lax(x, window, stride, padding), x
 
 
-def _computed_once(a: jax.Array) -> jax.Array:
-    """``a`` unchanged, but as the output of a reduction, so XLA stores it.
-
-    XLA fuses an elementwise producer into each of its consumers, and a fused loop
-    recomputes the producer at every index it is read at. The scatter below reads the
-    window selection at nine offsets, so fused into it the selection (nine strided reads
-    and eight compares) ran nine times per input cell: the backward of the 224x224
-    stem's pool took 13 ms on 2 cores instead of 4 (results/bench/NOTES.md). A reduction
-    is not fused into its consumers, and summing ``a`` with zeros over a new axis of two
-    is exact. (``lax.optimization_barrier`` does not survive to XLA:CPU's fusion.)
-    """
-    return jnp.sum(jnp.stack([a, jnp.zeros_like(a)], axis=-1), axis=-1, dtype=a.dtype)
-
-
 def _mp_bwd(window, stride, padding, x, dy):
     xp = jnp.pad(x, _pads(padding), constant_values=-jnp.inf)
     _, out_h, out_w, _ = dy.shape
     sel_idx = _selected_offset(xp, window, stride, out_h, out_w)
-    sel_idx = _computed_once(sel_idx.astype(jnp.int8 if window * window <= 127 else jnp.int32))
+    # Stored, not fused into the nine reads below, each of which would recompute it.
+    sel_idx = stored(sel_idx.astype(jnp.int8 if window * window <= 127 else jnp.int32))
     padded_hw = xp.shape[1:3]
     dxp = jnp.zeros(xp.shape, dy.dtype)
     # Descending offsets = ascending output positions for any one input cell: the

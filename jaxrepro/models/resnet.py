@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrepro.models.batchnorm import BatchNorm
+from jaxrepro.models.fusion import stored
 from jaxrepro.models.layers import Conv, Head
 from jaxrepro.models.pooling import max_pool
 
@@ -55,7 +56,8 @@ class BasicBlock(nn.Module):
         out = nn.relu(BatchNorm(name="bn1", **bn)(out, train))
         out = Conv(self.planes, 3, 1, 1, name="conv2", **conv)(out)
         out = BatchNorm(zero_scale=self.zero_init_residual, name="bn2", **bn)(out, train)
-        return nn.relu(out + _shortcut(self, x, self.planes, train))
+        # Stored: else XLA recomputes it inside the next block's residual add (fusion.py).
+        return stored(nn.relu(out + _shortcut(self, x, self.planes, train)))
 
 
 class Bottleneck(nn.Module):
@@ -81,7 +83,8 @@ class Bottleneck(nn.Module):
         out = nn.relu(BatchNorm(name="bn2", **bn)(out, train))
         out = Conv(out_planes, 1, 1, 0, name="conv3", **conv)(out)
         out = BatchNorm(zero_scale=self.zero_init_residual, name="bn3", **bn)(out, train)
-        return nn.relu(out + _shortcut(self, x, out_planes, train))
+        # Stored: else XLA recomputes it inside the next block's residual add (fusion.py).
+        return stored(nn.relu(out + _shortcut(self, x, out_planes, train)))
 
 
 def _shortcut(block: nn.Module, x: jax.Array, out_planes: int, train: bool) -> jax.Array:
