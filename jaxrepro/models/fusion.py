@@ -20,7 +20,9 @@ loop's buffer. Its derivative is the identity.
 
 Only on CPU: elsewhere (GPU, TPU) a loop condition computed on the device may cost a
 round trip to the host per loop, and their fusion heuristics were not measured here, so
-``stored`` is the identity there.
+``stored`` is the identity there. On a data-parallel CPU mesh (audits, tests) the
+condition reads one element of a batch-sharded value, so XLA adds an all-reduce of that
+scalar per call; exact, and small next to a step.
 """
 
 from __future__ import annotations
