@@ -41,6 +41,7 @@ import math
 import numbers
 import os
 import tempfile
+import types
 
 import ml_collections
 import numpy as np
@@ -132,6 +133,15 @@ def _as_float(x) -> float:
     return float(x) if isinstance(x, numbers.Real) and not isinstance(x, bool) else math.nan
 
 
+def _median(values) -> float:
+    """The median of a few floats, as ``np.median`` computes it (the mean of the two middle
+    values for an even count), in plain Python: the detector runs on every train row of
+    the loop, where numpy's per-call overhead was most of its cost."""
+    s = sorted(values)
+    h = len(s) // 2
+    return s[h] if len(s) % 2 else (s[h - 1] + s[h]) / 2
+
+
 class _Stream:
     """History and merge state of one (phase, metric) stream."""
 
@@ -157,6 +167,8 @@ class OnlineDetector:
             cfg = ml_collections.ConfigDict(cfg)
         self.cfg = cfg
         validate_config(self.cfg)
+        # The loss thresholds as plain attributes: read on every train row.
+        self._loss_cfg = types.SimpleNamespace(**self.cfg.loss.to_dict())
         self._events: list[dict] = []
         self._phase = None
         self._streams: dict[str, _Stream] = {}
@@ -197,7 +209,7 @@ class OnlineDetector:
         return self._streams[metric]
 
     def _update_train(self, row: dict) -> list[dict]:
-        lo = self.cfg.loss
+        lo = self._loss_cfg
         stream = self._stream("loss", lo.window)
         stream.n_points += 1
         if "loss" not in row:
@@ -211,9 +223,9 @@ class OnlineDetector:
             )
         value, events = float(value), []
         if len(stream.values) >= lo.min_history:
-            past = np.asarray(stream.values, dtype=np.float64)
-            med = float(np.median(past))
-            sigma = max(_MAD_SCALE * float(np.median(np.abs(past - med))), lo.mad_floor * abs(med))
+            med = _median(stream.values)
+            mad = _median([abs(v - med) for v in stream.values])
+            sigma = max(_MAD_SCALE * mad, lo.mad_floor * abs(med))
             sigma = max(sigma, 1e-12)
             ratio = value / med if med > 0 else math.inf
             if (

@@ -6,6 +6,8 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jaxrepro import dropoff
 
@@ -250,3 +252,9 @@ def test_dropoffs_round_trip_atomically(tmp_path):
     (tmp_path / "dropoffs.json").write_text('{"not": "a list"}')
     with pytest.raises(ValueError, match="list"):
         dropoff.load_dropoffs(str(tmp_path))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(allow_nan=False, allow_infinity=False), min_size=1, max_size=25))
+def test_median_is_numpys_bit_for_bit(values):
+    assert dropoff._median(values) == float(np.median(np.asarray(values, np.float64)))

@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxrepro.data import augment as augment_lib
 from jaxrepro.invariant import grouped_model, reduce
-from jaxrepro.train.step import TrainState, apply_step, normalize
+from jaxrepro.train.step import TrainState, apply_step, normalize, with_packed_metrics
 
 AXIS = "data"
 POLICIES = ("skip", "stop")
@@ -155,13 +155,16 @@ def invariant_train_step(
     return new_state, metrics
 
 
-def make_invariant_train_step(*, mesh: Mesh, groups: int, donate: bool = True, **static):
+def make_invariant_train_step(
+    *, mesh: Mesh, groups: int, donate: bool = True, packed_metrics: bool = False, **static
+):
     """The jitted invariant step over ``mesh``'s 'data' axis, hyperparameters bound.
 
     Args:
       mesh: a Mesh with a 'data' axis of D devices (D must divide ``groups``).
       groups: G, the fixed number of gradient groups (divides every batch size).
       donate: donate the state buffer (as ``train.step.make_train_step`` does).
+      packed_metrics: return the metrics as one vector (``train.step.pack_metrics``).
       **static: ``module, tx, lr_fn, phase_start, augment_cfg, mean, std, policy``, as
         for ``train.step.make_train_step``.
 
@@ -190,6 +193,8 @@ def make_invariant_train_step(*, mesh: Mesh, groups: int, donate: bool = True, *
         out_specs=(P(), P()),
         check_vma=False,
     )
+    if packed_metrics:
+        sharded = with_packed_metrics(sharded)
     rep, shard = replicated(mesh), batch_sharding(mesh)
     return jax.jit(
         sharded,
