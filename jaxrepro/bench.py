@@ -2,7 +2,7 @@ r"""``jaxrepro bench``: the JAX train step against PyTorch, and the costs around
 
     jaxrepro bench step    [size=32,224 batch=32,8 rounds=5 iters=3 settle=1 cores=0 variants=...]
     jaxrepro bench startup [config=configs/digits.py init=both runs=2]  (time to first step)
-    jaxrepro bench e2e     [config=configs/digits.py steps=60 rounds=5]  (run vs bare step)
+    jaxrepro bench e2e     [config=configs/digits.py steps=80 rounds=5]  (run vs bare step)
     jaxrepro bench checkpoint [config=configs/digits.py rounds=4]  (save/restore, 3 layouts)
     jaxrepro bench memory  [configs=configs/digits.py:smoke,configs/digits.py]
     jaxrepro bench all

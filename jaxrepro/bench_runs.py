@@ -49,7 +49,7 @@ STARTUP_DEFAULTS = {
 E2E_DEFAULTS = {
     "config": "configs/digits.py",
     "set": "",
-    "steps": 60,  # pretrain steps of each run (no fine-tune phase)
+    "steps": 80,  # pretrain steps of each run (no fine-tune phase)
     "warmup": 3,  # leading steps left out of the steady-state window
     "rounds": 5,  # a round's efficiency scatters by +-6 % on a shared 2-core machine
     "replay_from": 0,  # 0: the last checkpoint before the end
@@ -218,6 +218,7 @@ class _StepClock:
         self.cpu: list[float] = []  # process CPU time at each dispatch
         self.evals: list[tuple[float, float]] = []
         self.eval_cpu: list[tuple[float, float]] = []
+        self.eval_steps: list[int] = []
         self._loop = loop_mod
 
     @contextlib.contextmanager
@@ -236,19 +237,46 @@ class _StepClock:
 
             return stamped
 
-        def evaluate(runner, *a, **kw):
+        def evaluate(runner, phase, state, step):
             start, start_cpu = time.perf_counter(), time.process_time()
             try:
-                return orig_eval(runner, *a, **kw)
+                return orig_eval(runner, phase, state, step)
             finally:
                 clock.evals.append((start, time.perf_counter()))
                 clock.eval_cpu.append((start_cpu, time.process_time()))
+                clock.eval_steps.append(step)
 
         runner_cls.train_fn, runner_cls.evaluate = train_fn, evaluate
         try:
             yield self
         finally:
             runner_cls.train_fn, runner_cls.evaluate = orig_train_fn, orig_eval
+
+    def synced_rate(self, first_step: int) -> dict | None:
+        """Steps/s between evals: from the end of the first eval at or after step
+        ``first_step`` to the start of the last eval, the evals between left out.
+
+        Before an eval the loop has read every earlier step's metrics, so all of them
+        have finished: these are points where the host and the computation meet. Dispatch
+        times are not (the loop dispatches up to ``2 * loop._FETCH_BLOCK`` steps ahead).
+        None when the run has fewer than two evals from ``first_step`` on.
+        """
+        steps = sorted({st for st in self.eval_steps if st >= first_step})
+        if len(steps) < 2:
+            return None
+        marks = list(zip(self.eval_steps, self.evals, self.eval_cpu, strict=True))
+        t0, c0 = max((e, ce) for st, (_, e), (_, ce) in marks if st == steps[0])
+        t1, c1 = min((s, cs) for st, (s, _), (cs, _) in marks if st == steps[-1])
+        inner = [(w, c) for st, w, c in marks if steps[0] < st < steps[-1]]
+        evals = sum(e - s for (s, e), _ in inner)
+        eval_cpu = sum(e - s for _, (s, e) in inner)
+        n = steps[-1] - steps[0]
+        return {
+            "window": f"evals at steps {steps[0]}..{steps[-1]}", "steps": n,
+            "window_s": t1 - t0, "eval_s": evals, "steps_per_s": n / (t1 - t0),
+            "steps_per_s_excl_eval": n / (t1 - t0 - evals),
+            "cpu_s_per_step_excl_eval": (c1 - c0 - eval_cpu) / n,
+        }  # fmt: skip
 
     def rate(self, first: int, last: int) -> dict:
         """Steps/s between dispatches ``first`` and ``last``, with and without evals."""
@@ -274,7 +302,12 @@ def _run_timed(config, workdir: str, warmup: int) -> dict:
     with clock.installed():
         info = loop.run(config, workdir)
     total = time.perf_counter() - start
-    out = clock.rate(warmup, len(clock.entries) - 1)
+    out = clock.synced_rate(warmup) or dict(
+        clock.rate(warmup, len(clock.entries) - 1), window="dispatches"
+    )
+    out["eval_marks"] = [  # (step, start, end): the replay comparison's sync points
+        (st, s, e) for st, (s, e) in zip(clock.eval_steps, clock.evals, strict=True)
+    ]
     out.update(total_s=total, status=info["status"], checkpoints=_checkpoint_steps(workdir))
     out["entries"] = clock.entries  # for the replay comparison; dropped from the JSON
     return out
@@ -365,10 +398,16 @@ def _replay_timed(replay_mod, run_dir: str, original: dict, opts: dict) -> dict:
     with clock.installed():
         summary = replay_mod.replay(run_dir, from_step=start_step, steps=k)
     total = time.perf_counter() - t0
-    entries = original["entries"]
-    # The original's time for the same k steps: dispatch of start_step to its last one,
-    # plus one step at its steady rate (the last step's own time has no later stamp).
-    orig = entries[-1] - entries[start_step] + (entries[-1] - entries[-2])
+    # The original's time for the same k steps: from the end of its eval at start_step to
+    # the start of its final eval (every step done at both); without an eval at
+    # start_step, from dispatch stamps (which lead the computation by the fetch lag).
+    marks = original["eval_marks"]
+    ends = [e for st, _, e in marks if st == start_step]
+    if ends and marks[-1][0] == opts["steps"]:
+        orig = marks[-1][1] - max(ends)
+    else:
+        entries = original["entries"]
+        orig = entries[-1] - entries[start_step] + (entries[-1] - entries[-2])
     return {
         "from_step": start_step, "steps": k, "replay_total_s": total,
         "original_steps_s": orig, "bitwise_equal": summary["bitwise_equal"],
@@ -395,6 +434,7 @@ def _e2e_summary(opts, config, rounds) -> dict:
     for rows in rounds.values():
         for row in rows:
             row.pop("entries", None)
+            row.pop("eval_marks", None)
     bare = _median(rounds["bare"], "steps_per_s")
     run = _median(rounds["run"], "steps_per_s")
     run_x = _median(rounds["run"], "steps_per_s_excl_eval")

@@ -270,9 +270,9 @@ def _loop(trainer: TorchTrainer, runner, metrics: MetricsWriter) -> tuple[str, i
     stop = trainer.config.train.nonfinite_policy == "stop"
     halted_at = None
     while s < runner.total:
-        # The engine sees a non-finite step one step late (it fetches rows a step behind),
-        # so under 'stop' it runs one more step, a no-op, before it stops: so do we.
-        if halted_at is not None and s > halted_at + 1:
+        # Under 'stop' the engine's record ends at the first non-finite step: its row,
+        # then status 'diverged' at the next step (no eval, no further rows): so ours.
+        if halted_at is not None:
             return "diverged", s
         phase = runner.phase_of(s)
         if phase.name != current.name:  # old phase's final eval, then new head + Adam

@@ -16,6 +16,7 @@ to the same bits.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import gc
@@ -48,6 +49,11 @@ log = logging.getLogger("jaxrepro")
 _FAR_MEAN = 0.5  # fine-tune input mean this many pretrain stds away -> warn
 _FAR_STD = 2.0  # fine-tune input std off by this factor -> warn
 _STOP_CHECK_EVERY = 10  # multi-host: steps between SIGTERM agreements (each a collective)
+# The host reads the train steps' metrics in blocks of this many steps, once 2x this many
+# are in flight: a host thread that wakes for every step costs the step's own threads
+# ~3 ms a step on a 2-core CPU, one that wakes every 8 steps ~1 ms (results/bench/NOTES.md).
+# Rows, drop-off events and the non-finite stop do not depend on it (see Runner._flush).
+_FETCH_BLOCK = 8
 
 
 @dataclasses.dataclass
@@ -542,34 +548,42 @@ class Runner:
         for row in history:  # the detector is a pure function of the history
             self.detector.update(row)
         self.metrics = metrics
-        self.pending = None
+        self.pending = collections.deque()  # (phase, step, epoch, metrics) not yet read
+        # Non-finite steps so far (a resumed state's count, then each step as it is read),
+        # and under policy 'stop' the step after the first non-finite one.
+        self._nonfinite = int(np.asarray(state.nonfinite))
+        self._stop_at = None
         status, t_start, last_print, done_steps = "running", time.perf_counter(), 0.0, 0
         with SigtermFlag() as sigterm, frozen_gc():  # preemption: checkpoint, exit cleanly
             s, stopping = start, False
             while s < self.end:
                 phase = self.phase_of(s)
+                save_due = s == phase.start or self._due(self.config.checkpoint.every, s)
+                eval_due = self._due(phase.eval_every, s - phase.start)
+                if state_phase != phase.name or eval_due or save_due:
+                    self._flush()  # rows up to s-1 first; a stop among them ends the run here
+                    if self._stop_at is not None:
+                        break
                 if state_phase != phase.name:  # the pretrain -> fine-tune boundary
-                    self._flush()
                     prev = next(p for p in self.phases if p.name == state_phase)
                     self._log_rows(self.evaluate(prev, state, s))
                     state = state_lib.to_finetune(self.config, self.seeds, state, phase)
                     state = self.par.replicate(state)
                     state_phase = phase.name
-                if self._due(phase.eval_every, s - phase.start):
-                    self._flush()
+                if eval_due:
                     self._log_rows(self.evaluate(phase, state, s))
                     gc.freeze()  # what the eval (and its first compile) left stays put
-                if s == phase.start or self._due(self.config.checkpoint.every, s):
+                if save_due:
                     self._save(s, state, state_phase)
                 batch, epoch = self.device_batch(phase, s)
                 fn = self.train_fn(phase, state, batch)
                 state, m = fn(state, batch, *self.mesh_keys(phase))
-                self._flush()  # the previous step's row, while this one computes
-                self.pending = (phase, s, epoch, m)
+                self.pending.append((phase, s, epoch, m))
                 s += 1
                 done_steps += 1
-                if self._should_stop():
-                    status = "diverged"
+                if len(self.pending) >= 2 * _FETCH_BLOCK:  # read the oldest block
+                    self._flush(_FETCH_BLOCK)  # while the newer steps compute
+                if self._stop_at is not None:
                     break
                 stopping = self._agreed_stop(sigterm.requested, s)
                 if stopping or (stop_after is not None and s >= stop_after):
@@ -583,8 +597,8 @@ class Runner:
                     last_print = now
                     self._progress(phase, s, done_steps - 1, now - t_first)
             self._flush()
-            if status == "diverged" or self._should_stop():
-                status = "diverged"
+            if self._stop_at is not None:
+                status, s = "diverged", self._stop_at
             elif s >= self.end:
                 phase = next(p for p in self.phases if p.name == state_phase)
                 self._log_rows(self.evaluate(phase, state, s))
@@ -631,18 +645,31 @@ class Runner:
                 if self.primary:
                     dropoff_lib.write_dropoffs(self.ws.path, self.detector.events)
 
-    def _flush(self):
-        """Writes the pending train row (fetched one step late, so the host never waits)."""
-        if self.pending is None:
-            return
-        phase, step, epoch, m = self.pending
-        self.pending = None
+    def _flush(self, count: int | None = None):
+        """Reads the oldest ``count`` pending steps' metrics (all when None), in order, and
+        writes their rows.
+
+        Steps are read late (up to ``2 * _FETCH_BLOCK``), so the host does not wait for
+        each. Under policy 'stop' the first non-finite step ends the run's record there:
+        its row is written, the steps dispatched after it (no-ops, the step guards them)
+        are dropped unread, and the run reports the step after it (``_stop_at``), however
+        late the host read it.
+        """
+        for _ in range(len(self.pending) if count is None else min(count, len(self.pending))):
+            self._read_one(*self.pending.popleft())
+
+    def _read_one(self, phase, step, epoch, m):
+        if self._stop_at is not None:
+            return  # dispatched after the stop: a no-op step, not part of the record
         # np.asarray, not jax.device_get: on a busy CPU the latter's asynchronous copy
         # cost the host loop ~0.5 ms a step; the array is fully replicated, so the value
         # is this process's copy either way.
         m = unpack_metrics(np.asarray(m))
         self._accumulate_inputs(phase.name, m)
         self._last_train = m
+        self._nonfinite += not m["applied"]
+        if self.config.train.nonfinite_policy == "stop" and not m["finite"]:
+            self._stop_at = step + 1
         if (step - phase.start) % phase.log_every and not self._is_last(phase, step):
             return
         self._log_rows([train_row(phase, step, epoch, m)])
@@ -650,12 +677,6 @@ class Runner:
     @staticmethod
     def _is_last(phase, step):
         return step == phase.end - 1
-
-    def _should_stop(self) -> bool:
-        m = getattr(self, "_last_train", None)
-        if m is None or self.config.train.nonfinite_policy != "stop":
-            return False
-        return not bool(m["finite"])
 
     def _accumulate_inputs(self, phase: str, m):
         acc = self.input_stats.setdefault(phase, [np.zeros(3), np.zeros(3), 0])
@@ -725,7 +746,9 @@ class Runner:
             warnings=warnings,
             compile_time_s=self.compile_s,
             wall_time_s=round(wall, 3),
-            nonfinite_steps=int(jax.device_get(state.nonfinite)),
+            # Counted as the steps were read: a diverged run's no-op steps after its stop
+            # (dispatched before the host read the stop) are not part of its record.
+            nonfinite_steps=self._nonfinite,
             dropoff_count=len(self.detector.events),
         )
         if status in ("done", "diverged"):
