@@ -112,8 +112,10 @@ def _first_id(config, path, step):
     return int(runner.batch(phase, step)["id"][0])
 
 
+@pytest.mark.parametrize("fetch_block", [1, 8])  # 8: read at the evals and saves only
 @pytest.mark.parametrize("policy", ["skip", "stop"])
-def test_nonfinite_policies(policy, data_dir, tmp_path, monkeypatch):
+def test_nonfinite_policies(policy, fetch_block, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "_FETCH_BLOCK", fetch_block)
     k = 6
     config = tiny_digits(data_dir, **{"train.nonfinite_policy": policy, "checkpoint.keep_last": 1})
     probe = str(tmp_path / "probe")

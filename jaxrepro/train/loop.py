@@ -670,9 +670,9 @@ class Runner:
         self._nonfinite += not m["applied"]
         if self.config.train.nonfinite_policy == "stop" and not m["finite"]:
             self._stop_at = step + 1
-        if (step - phase.start) % phase.log_every and not self._is_last(phase, step):
-            return
-        self._log_rows([train_row(phase, step, epoch, m)])
+        logged = not (step - phase.start) % phase.log_every or self._is_last(phase, step)
+        if logged or self._stop_at is not None:  # a stop's row is written whatever log_every
+            self._log_rows([train_row(phase, step, epoch, m)])
 
     @staticmethod
     def _is_last(phase, step):
