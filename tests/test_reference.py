@@ -247,3 +247,37 @@ def test_runner_without_checkpoints_cannot_run_or_resume(pair, tmp_path):
     assert runner.ckpts is None and not os.path.exists(path)  # nothing written
     with pytest.raises(RuntimeError, match="checkpoints=False"):
         runner.run(None)
+
+
+class _HaltingTrainer:
+    """Stands in for TorchTrainer in reference._loop: step ``bad`` is non-finite."""
+
+    def __init__(self, config, bad):
+        self.config, self.bad, self.halted, self.evals = config, bad, False, []
+
+    def start_phase(self, phase):
+        pass
+
+    def evaluate(self, phase, step):
+        self.evals.append(step)
+        return []
+
+    def step(self, phase, batch, s):
+        finite = s != self.bad
+        m = dict.fromkeys(("loss", "accuracy", "grad_norm", "update_norm", "param_norm"), 1.0)
+        return dict(m, lr=1e-3, finite=finite, applied=finite and not self.halted)
+
+
+def test_reference_stops_where_the_engine_does(data_dir, tmp_path):
+    """Under 'stop' the record ends at the first non-finite step (its row written even
+    off the log_every grid), status 'diverged' at the next step, as loop.Runner does."""
+    config = tiny_digits(data_dir, **{"pretrain.log_every": 2, "train.nonfinite_policy": "stop"})
+    runner = loop.Runner(config, Workdir(str(tmp_path / "w")), resuming=False, checkpoints=False)
+    trainer = _HaltingTrainer(config, bad=5)  # an odd step: not on the log_every grid
+    metrics = reference.MetricsWriter(str(tmp_path / "metrics.jsonl"), None)
+    status, step = reference._loop(trainer, runner, metrics)
+    metrics.close()
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert (status, step) == ("diverged", 6)
+    assert [r["step"] for r in rows] == [0, 2, 4, 5] and rows[-1]["finite"] is False
+    assert max(trainer.evals) <= 4  # no eval after the stop

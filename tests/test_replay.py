@@ -117,7 +117,16 @@ def _first_id(config, path, step):
 def test_nonfinite_policies(policy, fetch_block, data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "_FETCH_BLOCK", fetch_block)
     k = 6
-    config = tiny_digits(data_dir, **{"train.nonfinite_policy": policy, "checkpoint.keep_last": 1})
+    # One case logs every 4th step only: a stop's row (step 6) is written all the same.
+    log_every = 4 if (policy, fetch_block) == ("stop", 1) else 1
+    config = tiny_digits(
+        data_dir,
+        **{
+            "train.nonfinite_policy": policy,
+            "checkpoint.keep_last": 1,
+            "pretrain.log_every": log_every,
+        },
+    )
     probe = str(tmp_path / "probe")
     os.makedirs(probe)
     bad_id = _first_id(config, probe, k)
@@ -128,7 +137,8 @@ def test_nonfinite_policies(policy, fetch_block, data_dir, tmp_path, monkeypatch
     train = {r["step"]: r for r in rows if r["kind"] == "train"}
     assert train[k]["finite"] is False and train[k].get("skipped") is True
     # the update of step k was not applied: params after k == params after k-1
-    assert train[k]["param_norm"] == train[k - 1]["param_norm"]
+    if log_every == 1:
+        assert train[k]["param_norm"] == train[k - 1]["param_norm"]
     events = dropoff_lib.load_dropoffs(path)
     assert any(e["kind"] == "nonfinite" and e["step"] == k for e in events)
     ckpts = Checkpoints(os.path.join(path, "checkpoints"), read_only=True)

@@ -283,9 +283,10 @@ def _loop(trainer: TorchTrainer, runner, metrics: MetricsWriter) -> tuple[str, i
             _write(metrics, trainer.evaluate(phase, s))
         batch = runner.batch(phase, s)
         m = trainer.step(phase, batch, s)
-        if _logged(phase, s):
+        halts = stop and not m["finite"] and halted_at is None
+        if _logged(phase, s) or halts:  # the engine writes a stop's row whatever log_every
             _write(metrics, [loop.train_row(phase, s, batch["epoch"][0], m)])
-        if stop and not m["finite"] and halted_at is None:
+        if halts:
             halted_at, trainer.halted = s, True
         s += 1
     if trainer.halted:
