@@ -54,6 +54,12 @@ flags.DEFINE_bool(
     "replay: re-execute under the run's recorded process setup (XLA flags, simulated "
     "device count, CPU threads) when this process's differs.",
 )
+flags.DEFINE_bool(
+    "force",
+    False,
+    "replay: go on although the run was recorded on another platform fingerprint (the "
+    "replay's summary records it; bitwise equality is then not expected).",
+)
 flags.DEFINE_string("out", None, "Output directory (audit, study, port, compare, bench).")
 flags.DEFINE_string("vary", None, "study: factors to vary: aug | aug,data | all.")
 flags.DEFINE_string("seeds", None, "study: seeds, e.g. 0-7 or 0,1,5.")
@@ -147,8 +153,11 @@ def cmd_replay(argv):
         steps=FLAGS.steps,
         devices=devices,
         setup=_REPLAY_SETUP.get("record"),
+        force=FLAGS.force,
     )
     _print_setup(s)
+    if s["platform_check"]["differences"]:
+        print("platform differs from the run's: " + "; ".join(s["platform_check"]["differences"]))
     print(f"{s['kind']} replay from step {s['from_step']} to {s['until']} -> {s['replay_dir']}")
     if s["kind"] == "exact":
         first = s["first_difference"]
@@ -304,8 +313,8 @@ def _setup_logging():
 
 
 def _before_backend() -> None:
-    """Deterministic GPU mode's XLA flags and ``jax.distributed``: both before any JAX work."""
-    from jaxrepro import parallel
+    """Deterministic GPU and portable CPU modes' XLA flags, ``jax.distributed``: before JAX."""
+    from jaxrepro import machine, parallel
 
     settings = None  # the defaults (deterministic), unless a config says otherwise
     if _CONFIG.value is not None and "determinism" in _CONFIG.value:
@@ -315,6 +324,7 @@ def _before_backend() -> None:
 
         settings = jsonio.read_json(os.path.join(FLAGS.workdir, "config.json")).get("determinism")
     parallel.apply_determinism(settings)
+    machine.apply_portable(bool((settings or {}).get("portable", False)))
     parallel.initialize()
 
 

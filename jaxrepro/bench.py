@@ -5,6 +5,7 @@ r"""``jaxrepro bench``: the JAX train step against PyTorch, and the costs around
     jaxrepro bench e2e     [config=configs/digits.py steps=80 rounds=5]  (run vs bare step)
     jaxrepro bench checkpoint [config=configs/digits.py rounds=4]  (save/restore, 3 layouts)
     jaxrepro bench memory  [configs=configs/digits.py:smoke,configs/digits.py]
+    jaxrepro bench portable [arch=resnet50 size=32 batch=32 rounds=4 iters=8]  (vs native)
     jaxrepro bench all
 
 Options are ``key=value`` words after the sub-command (absl owns ``--flags``); ``--out``
@@ -200,7 +201,14 @@ def round_ratios(a: list[list[float]], b: list[list[float]]) -> list[float]:
 
 
 def jax_step_runner(
-    arch, image_size, batch, num_classes, conv_impl="auto", bn_impl="", tail="project"
+    arch,
+    image_size,
+    batch,
+    num_classes,
+    conv_impl="auto",
+    bn_impl="",
+    tail="project",
+    contract_chunk=0,
 ):
     """The project's jitted train step on a device-resident batch.
 
@@ -227,7 +235,8 @@ def jax_step_runner(
     m = config.model
     with conv_impl_override(conv_impl) as build_impl:
         module = models.build(arch, num_classes, stem=m.stem, conv_impl=build_impl,
-                              maxpool_impl=m.maxpool_impl, bn_impl=m.bn_impl)  # fmt: skip
+                              maxpool_impl=m.maxpool_impl, bn_impl=m.bn_impl,
+                              contract_chunk=contract_chunk)  # fmt: skip
     variables = synthetic_variables(module, image_size)
     tx = optimizer_lib.build(config, "pretrain", 1000)
     state = TrainState(
@@ -262,7 +271,7 @@ def jax_step_runner(
         holder[0] = new_state
 
     info = {"conv_impl": conv_impl, "bn_impl": m.bn_impl, "maxpool_impl": m.maxpool_impl,
-            "tail": tail, "compile_s": compile_s}  # fmt: skip
+            "tail": tail, "compile_s": compile_s, "contract_chunk": contract_chunk}  # fmt: skip
     return run, info
 
 
@@ -397,6 +406,81 @@ def _pinned_child(opts: dict) -> dict:
     return result
 
 
+# ----------------------------------------------------------------------------- portable mode
+
+PORTABLE_DEFAULTS = {"arch": "resnet50", "size": 32, "batch": 32, "rounds": 4, "iters": 8}
+
+
+def portable_step_times(opts: dict, portable: bool) -> dict:
+    """In a child: ``iters`` timed train steps, native or in portable mode (machine.py)."""
+    from jaxrepro import machine
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if machine.portable_flags_in_force(flags) != portable:
+        raise RuntimeError(f"portable={portable} child started with XLA_FLAGS={flags!r}")
+    chunk = machine.PORTABLE_CHUNK if portable else 0
+    run, info = jax_step_runner(opts["arch"], opts["size"], opts["batch"], 10, contract_chunk=chunk)
+    run()  # the first step after compiling touches fresh memory
+    times = []
+    for _ in range(opts["iters"]):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    return {"times": times, "compile_s": info["compile_s"], "xla_flags": flags}
+
+
+def _portable_child(opts: dict, portable: bool) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    from jaxrepro import machine
+
+    names = {p.partition("=")[0] for p in machine.PORTABLE_FLAGS}
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.partition("=")[0] not in names]
+    env = dict(
+        os.environ, XLA_FLAGS=" ".join(kept + (list(machine.PORTABLE_FLAGS) if portable else []))
+    )
+    code = (
+        "import json; from jaxrepro import bench; "
+        f"print(json.dumps(bench.portable_step_times({opts!r}, {portable!r})))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"portable bench child failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_portable(opts: dict) -> dict:
+    """Portable CPU mode against native: the same train step in alternating child processes.
+
+    Each round starts one native and one portable child (the order alternates between
+    rounds), each times ``iters`` steps; the per-round ratio is the portable median step
+    time over the native one (> 1: portable is slower).
+    """
+    from jaxrepro import machine as machine_lib
+
+    rounds = []
+    for r in range(opts["rounds"]):
+        order = (False, True) if r % 2 == 0 else (True, False)
+        got = {p: _portable_child(opts, p) for p in order}
+        rounds.append({"native": got[False], "portable": got[True]})
+    native = [x for rd in rounds for x in rd["native"]["times"]]
+    portable = [x for rd in rounds for x in rd["portable"]["times"]]
+    ratios = [statistics.median(rd["portable"]["times"]) / statistics.median(rd["native"]["times"])
+              for rd in rounds]  # fmt: skip
+    return {
+        "kind": "portable", "options": opts, "machine": machine_info(), "versions": versions(),
+        "cpu": machine_lib.cpu_info(), "portable_flags": list(machine_lib.PORTABLE_FLAGS),
+        "contract_chunk": machine_lib.PORTABLE_CHUNK,
+        "native": summarize(native, opts["batch"]), "portable": summarize(portable, opts["batch"]),
+        "slowdown_per_round": [round(x, 3) for x in ratios],
+        "slowdown_median": round(statistics.median(ratios), 3),
+        "compile_s": {"native": [rd["native"]["compile_s"] for rd in rounds],
+                      "portable": [rd["portable"]["compile_s"] for rd in rounds]},
+    }  # fmt: skip
+
+
 FLOPS_DEFINITION = (
     "2 x multiply-adds of every convolution and dense layer in the forward pass, counted "
     "from the jaxpr of the model with lax convolutions at batch 1 (batch-norm, pooling, "
@@ -459,6 +543,7 @@ def _jobs(sub: str, words: list[str]):
             parse_options(words, bench_runs.CHECKPOINT_DEFAULTS)
         ),
         "memory": lambda: bench_runs.bench_memory(parse_options(words, bench_runs.MEMORY_DEFAULTS)),
+        "portable": lambda: bench_portable(parse_options(words, PORTABLE_DEFAULTS)),
     }
     if sub == "all":
         if words:
@@ -481,6 +566,7 @@ def _validate_words(sub: str, words: list[str]) -> None:
         "e2e": bench_runs.E2E_DEFAULTS,
         "checkpoint": bench_runs.CHECKPOINT_DEFAULTS,
         "memory": bench_runs.MEMORY_DEFAULTS,
+        "portable": PORTABLE_DEFAULTS,
     }[sub]
     opts = parse_options(words, defaults)
     if sub == "step":

@@ -32,8 +32,10 @@ from jaxrepro.models import layers
 BEFORE_IMPLS = ("matmul-autodiff", "matmul-whole")
 
 
-def conv_matmul_autodiff(x, kernel, stride: int, padding: int):
+def conv_matmul_autodiff(x, kernel, stride: int, padding: int, chunk: int = 0):
     """im2col over all kh*kw taps + einsum, differentiated by JAX (the old 'matmul')."""
+    if chunk:
+        raise ValueError("the old 'matmul' convolution has no portable (chunked) form")
     kh, kw, cin, cout = kernel.shape
     if padding:
         x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))

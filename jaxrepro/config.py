@@ -239,6 +239,7 @@ def _validate_parallel(config):
     _check_type(
         _require(config, "determinism.device_invariant"), bool, "determinism.device_invariant"
     )
+    _check_type(_require(config, "determinism.portable"), bool, "determinism.portable")
     groups = _positive_int(config, "determinism.groups")
     if config.determinism.device_invariant:
         for phase in rng.PHASES:
@@ -406,6 +407,10 @@ def base() -> ml_collections.ConfigDict:
     # always cut into `groups` groups whose partial sums are combined in one fixed order.
     c.determinism.device_invariant = False
     c.determinism.groups = 8
+    # Opt-in (jaxrepro.machine): the same bits on every x86-64 CPU with AVX2 and FMA (and
+    # the same thread count): XLA capped at AVX2, no YNNPACK fusions, matmuls contracted
+    # in chunks below any cache-sized block. Slower; set before the backend starts.
+    c.determinism.portable = False
     c.parallel = ml_collections.ConfigDict()  # the 'data' mesh (jaxrepro.parallel)
     c.parallel.num_devices = config_dict.placeholder(int)  # None: every device
     return c

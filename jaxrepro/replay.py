@@ -17,10 +17,10 @@ import re
 
 from jaxrepro import config as config_lib
 from jaxrepro import dropoff as dropoff_lib
-from jaxrepro import jsonio
+from jaxrepro import jsonio, machine
 from jaxrepro.checkpoints import Checkpoints
 from jaxrepro.errors import CheckpointError, ConfigError, WorkdirError
-from jaxrepro.train import loop
+from jaxrepro.train import loop, runinfo
 from jaxrepro.workdir import Workdir
 
 _REFUSED_PREFIXES = ("model.", "data.source.", "data.target.", "data.image_size")
@@ -111,6 +111,7 @@ def replay(
     window: int | None = None,
     devices: int | None = None,
     setup: dict | None = None,
+    force: bool = False,
 ) -> dict:
     """Branches ``run_dir`` from a checkpoint and compares the branch with the original.
 
@@ -118,6 +119,10 @@ def replay(
     device-count-invariant mode (``determinism.device_invariant``) an exact replay is
     still bit for bit, provided the process setup is the recorded one (``jaxrepro
     replay`` re-executes itself under it; ``setup`` is what it found, for the summary).
+
+    Before any work the run's recorded platform fingerprint is compared with this one
+    (jaxrepro.machine): where they differ, bitwise equality cannot be expected and the
+    replay is refused unless ``force``; the summary records the comparison.
 
     Returns the summary also written to ``replays/NAME/replay_summary.json``.
     """
@@ -127,6 +132,10 @@ def replay(
     if skip_batches < 0:
         raise ConfigError(f"--skip_batches must be >= 0, got {skip_batches}")
     run_info = ws.read_run()
+    current = runinfo.platform_info(portable=config.determinism.portable)
+    platform_check = machine.compare_platforms(
+        run_info.get("platform") or {}, current, force=force, what=f"replay of {ws.path}"
+    )
     recorded_devices = (run_info.get("mesh") or {}).get("devices")
     notes = []
     if devices is not None:
@@ -150,16 +159,17 @@ def replay(
         step=start,
         until=p["until"],
         skip_batches=int(skip_batches),
-        info={"run": ws.path, "dropoff": dropoff, "overrides": applied},
+        info={
+            "run": ws.path,
+            "dropoff": dropoff,
+            "overrides": applied,
+            "platform_check": platform_check,
+        },
         history=tuple(r for r in ws.metrics() if r["step"] < start),
     )
     info = loop.run(config, out, origin=origin)
     summary = compare(ws.metrics(), Workdir(out).metrics(), start=start)
     replay_info = Workdir(out).read_run()
-    backend = (run_info.get("platform") or {}).get("backend")
-    here = (replay_info.get("platform") or {}).get("backend")
-    if backend and here and backend != here:
-        notes.append(f"the run used the {backend} backend, the replay {here}: bits may differ")
     summary.update(
         name=name,
         run=ws.path,
@@ -178,6 +188,7 @@ def replay(
         },
         setup=setup,
         notes=notes,
+        platform_check=platform_check,
     )
     if p["event"] is not None:
         summary["event_recurs"] = _recurs(p["event"], dropoff_lib.load_dropoffs(out))

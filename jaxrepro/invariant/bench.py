@@ -33,7 +33,7 @@ import time
 import jax
 import numpy as np
 
-from jaxrepro import hashing, rng
+from jaxrepro import hashing, machine, rng
 from jaxrepro.invariant import check, setup
 from jaxrepro.invariant import step as inv_step
 from jaxrepro.train import runinfo
@@ -105,7 +105,7 @@ def speed(args) -> dict:
         "grouped_over_plain": ratios,
         "grouped_states_bitwise_equal_across_meshes": len(set(grouped)) == 1,
         "loadavg_before_after": [round(load0[0], 2), round(os.getloadavg()[0], 2)],
-        "platform": runinfo.setup_fingerprint(runinfo.platform_info()),
+        "platform": machine.fingerprint(runinfo.platform_info()),
     }  # fmt: skip
 
 
@@ -172,7 +172,7 @@ def layouts(args) -> dict:
             for r in runs.values()
         ),
         "compile_s": {d: r["compile_s"] for d, r in runs.items()},
-        "platform": runinfo.setup_fingerprint(result["platform"]),
+        "platform": machine.fingerprint(result["platform"]),
     }  # fmt: skip
 
 

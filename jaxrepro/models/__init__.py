@@ -76,6 +76,7 @@ def build(
     dtype="float32",
     width: int | None = None,
     bn_impl: str = "flax",
+    contract_chunk: int = 0,
 ) -> ResNet:
     """Builds a ResNet by name.
 
@@ -90,6 +91,8 @@ def build(
       dtype: compute dtype, 'float32', 'bfloat16' or 'float16'; params stay float32.
       width: stem / stage-1 channels; None for the model's default (64, tiny: 8).
       bn_impl: 'flax' (autodiff BatchNorm) or 'fused' (custom_vjp backward).
+      contract_chunk: contract matmuls in chunks of at most this many terms, added in
+        order (portable CPU mode; needs conv_impl 'matmul'); 0: plain matmuls.
 
     Returns:
       The (unbound) Flax module. ``apply(variables, images_nhwc, train=...)`` gives logits.
@@ -100,6 +103,12 @@ def build(
     block_cls, stages, _ = _spec(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if isinstance(contract_chunk, bool) or not isinstance(contract_chunk, int):
+        raise ValueError(f"contract_chunk must be an int, got {contract_chunk!r}")
+    if contract_chunk < 0 or (contract_chunk and conv_impl != "matmul"):
+        raise ValueError(
+            f"contract_chunk={contract_chunk} needs conv_impl 'matmul' and a positive chunk"
+        )
     return ResNet(
         stage_sizes=stages,
         block_cls=block_cls,
@@ -111,6 +120,7 @@ def build(
         maxpool_impl=_choice("maxpool_impl", maxpool_impl, MAXPOOL_IMPLS),
         bn_impl=_choice("bn_impl", bn_impl, BN_IMPLS),
         dtype=_dtype(dtype),
+        contract_chunk=contract_chunk,
     )
 
 

@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxrepro.models import contract
+
 
 def _live(offsets: int, size: int, out: int, stride: int, padding: int) -> list[int]:
     """Kernel offsets along one axis whose window rows touch the real input."""
@@ -94,13 +96,18 @@ BLOCK_ABOVE = 16 << 20
 BLOCK_BYTES = 4 << 20
 
 
-def conv_matmul(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
-    """The same convolution as ``lax.conv_general_dilated`` (NHWC, HWIO), as a matmul."""
+def conv_matmul(
+    x: jax.Array, kernel: jax.Array, stride: int, padding: int, chunk: int = 0
+) -> jax.Array:
+    """The same convolution as ``lax.conv_general_dilated`` (NHWC, HWIO), as a matmul.
+
+    ``chunk``: contractions of at most this many terms (portable mode, models/contract.py).
+    """
     out_h, out_w, taps = _geometry(x.shape, kernel.shape, stride, padding)
     rows = _rows_per_block(x.shape, out_h, out_w, len(taps), jnp.dtype(x.dtype).itemsize)
     if rows < out_h:
-        return _conv_blocked(x, kernel, stride, padding, rows)
-    return _conv_whole(x, kernel, stride, padding)
+        return _conv_blocked(x, kernel, stride, padding, rows, chunk)
+    return _conv_whole(x, kernel, stride, padding, chunk)
 
 
 def _rows_per_block(x_shape, out_h: int, out_w: int, n_taps: int, itemsize: int) -> int:
@@ -119,36 +126,36 @@ def _rows_per_block(x_shape, out_h: int, out_w: int, n_taps: int, itemsize: int)
     return max(fits) if fits else 1
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_whole(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
-    return _conv_fwd(x, kernel, stride, padding)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_whole(x: jax.Array, kernel: jax.Array, stride: int, padding: int, chunk: int):
+    return _conv_fwd(x, kernel, stride, padding, chunk)[0]
 
 
-def _conv_fwd(x, kernel, stride, padding):
+def _conv_fwd(x, kernel, stride, padding, chunk):
     out_h, out_w, taps = _geometry(x.shape, kernel.shape, stride, padding)
     p = _patches(x, taps, stride, padding, out_h, out_w)
-    y = jnp.dot(p, _live_kernel(kernel, taps))
+    y = contract.dot(p, _live_kernel(kernel, taps), chunk)
     # A zero-size array carries x's shape into the backward without keeping x alive.
     shape_only = jnp.zeros((*x.shape[:3], 0), x.dtype)
     return y.reshape(x.shape[0], out_h, out_w, kernel.shape[-1]), (shape_only, p, kernel)
 
 
-def _weight_grad(p, dy2):
+def _weight_grad(p, dy2, chunk: int):
     """P^T dY with the narrower operand transposed explicitly (see module doc)."""
     if p.shape[1] <= dy2.shape[1]:
-        return jnp.dot(jnp.transpose(p), dy2)
-    return jnp.transpose(jnp.dot(jnp.transpose(dy2), p))
+        return contract.dot(jnp.transpose(p), dy2, chunk)
+    return jnp.transpose(contract.dot(jnp.transpose(dy2), p, chunk))
 
 
-def _conv_bwd(stride, padding, res, dy):
+def _conv_bwd(stride, padding, chunk, res, dy):
     shape_only, p, kernel = res
     cin, cout = kernel.shape[2:]
     x_shape = (*shape_only.shape[:3], cin)
     _, out_h, out_w, _ = dy.shape
     _, _, taps = _geometry(x_shape, kernel.shape, stride, padding)
     dy2 = dy.reshape(-1, cout)
-    dw = _full_kernel_grad(_weight_grad(p, dy2), kernel.shape, taps)
-    dp = jnp.dot(dy2, jnp.transpose(_live_kernel(kernel, taps)))
+    dw = _full_kernel_grad(_weight_grad(p, dy2, chunk), kernel.shape, taps)
+    dp = contract.dot(dy2, jnp.transpose(_live_kernel(kernel, taps)), chunk)
     dp = dp.reshape(x_shape[0], out_h, out_w, len(taps) * cin)
     return _fold(dp, x_shape, taps, stride, padding), dw.astype(kernel.dtype)
 
@@ -187,9 +194,9 @@ _conv_whole.defvjp(_conv_fwd, _conv_bwd)
 # -- the same convolution, one block of output rows at a time
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv_blocked(x, kernel, stride: int, padding: int, rows: int):
-    return _blocked_fwd(x, kernel, stride, padding, rows)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv_blocked(x, kernel, stride: int, padding: int, rows: int, chunk: int):
+    return _blocked_fwd(x, kernel, stride, padding, rows, chunk)[0]
 
 
 def _slab(xp, b, rows: int, stride: int, kh: int):
@@ -204,7 +211,7 @@ def _block_patches(xp, b, taps, rows: int, out_w: int, stride: int, kh: int):
     return _patches(_slab(xp, b, rows, stride, kh), taps, stride, 0, rows, out_w)
 
 
-def _blocked_fwd(x, kernel, stride, padding, rows):
+def _blocked_fwd(x, kernel, stride, padding, rows, chunk):
     out_h, out_w, taps = _geometry(x.shape, kernel.shape, stride, padding)
     kh, cout = kernel.shape[0], kernel.shape[-1]
     xp = _pad(x, padding)
@@ -212,7 +219,7 @@ def _blocked_fwd(x, kernel, stride, padding, rows):
 
     def block(y, b):
         p = _block_patches(xp, b, taps, rows, out_w, stride, kh)
-        yb = jnp.dot(p, k2).reshape(x.shape[0], rows, out_w, cout)
+        yb = contract.dot(p, k2, chunk).reshape(x.shape[0], rows, out_w, cout)
         return lax.dynamic_update_slice(y, yb, (0, b * rows, 0, 0)), None
 
     y0 = jnp.zeros((x.shape[0], out_h, out_w, cout), jnp.result_type(x, kernel))
@@ -220,7 +227,7 @@ def _blocked_fwd(x, kernel, stride, padding, rows):
     return y, (x, kernel)
 
 
-def _blocked_bwd(stride, padding, rows, res, dy):
+def _blocked_bwd(stride, padding, rows, chunk, res, dy):
     x, kernel = res
     kh, _, cin, cout = kernel.shape
     out_h, out_w, taps = _geometry(x.shape, kernel.shape, stride, padding)
@@ -233,8 +240,8 @@ def _blocked_bwd(stride, padding, rows, res, dy):
         dw, dxp = carry
         p = _block_patches(xp, b, taps, rows, out_w, stride, kh)
         dyb = lax.dynamic_slice(dy, (0, b * rows, 0, 0), (n, rows, out_w, cout)).reshape(-1, cout)
-        dw = dw + _weight_grad(p, dyb).astype(dw.dtype)
-        dp = jnp.dot(dyb, k2t).reshape(n, rows, out_w, len(taps) * cin)
+        dw = dw + _weight_grad(p, dyb, chunk).astype(dw.dtype)
+        dp = contract.dot(dyb, k2t, chunk).reshape(n, rows, out_w, len(taps) * cin)
         start = (0, b * rows * stride, 0, 0)
         g = lax.dynamic_slice(dxp, start, slab_shape) + _fold(dp, slab_shape, taps, stride, 0)
         return (dw, lax.dynamic_update_slice(dxp, g, start)), None

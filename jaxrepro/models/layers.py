@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxrepro.models import contract
 from jaxrepro.models import init as init_lib
 from jaxrepro.models.conv import conv_matmul
 
@@ -64,12 +65,14 @@ def conv_lax(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.
     )
 
 
-def conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, impl: str) -> jax.Array:
-    """Dispatches to the chosen convolution implementation."""
+def conv(
+    x: jax.Array, kernel: jax.Array, stride: int, padding: int, impl: str, chunk: int = 0
+) -> jax.Array:
+    """Dispatches to the chosen convolution implementation (``chunk``: matmul only)."""
     if impl == "lax":
         return conv_lax(x, kernel, stride, padding)
     if impl == "matmul":
-        return conv_matmul(x, kernel, stride, padding)
+        return conv_matmul(x, kernel, stride, padding, chunk)
     raise ValueError(f"unknown conv_impl {impl!r}; valid: {', '.join(CONV_IMPLS)}")
 
 
@@ -83,6 +86,7 @@ class Conv(nn.Module):
       padding: zeros added on every side (torch's ``padding``).
       impl: 'lax' or 'matmul' (same parameters, same math).
       dtype: compute dtype; the kernel is stored in float32.
+      chunk: contraction chunk of portable mode (contract.py); 0: plain matmuls.
     """
 
     features: int
@@ -91,6 +95,7 @@ class Conv(nn.Module):
     padding: int = 0
     impl: str = "lax"
     dtype: jnp.dtype = jnp.float32
+    chunk: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -98,7 +103,7 @@ class Conv(nn.Module):
         shape = (k, k, x.shape[-1], self.features)
         kernel = self.param("kernel", conv_kernel_init, shape, jnp.float32)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        return conv(x, kernel, self.stride, self.padding, self.impl)
+        return conv(x, kernel, self.stride, self.padding, self.impl, self.chunk)
 
 
 class Head(nn.Module):
@@ -107,6 +112,7 @@ class Head(nn.Module):
     num_classes: int
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    chunk: int = 0  # contraction chunk of portable mode (contract.py); 0: plain matmul
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -118,4 +124,4 @@ class Head(nn.Module):
         kernel = self.param("kernel", init, (fan_in, self.num_classes), self.param_dtype)
         bias = self.param("bias", init, (self.num_classes,), self.param_dtype)
         x = x.astype(self.dtype)
-        return jnp.dot(x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+        return contract.dot(x, kernel.astype(self.dtype), self.chunk) + bias.astype(self.dtype)

@@ -45,12 +45,13 @@ class BasicBlock(nn.Module):
     conv_impl: str = "lax"
     bn_impl: str = "flax"
     dtype: jnp.dtype = jnp.float32
+    contract_chunk: int = 0
 
     expansion = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv = dict(impl=self.conv_impl, dtype=self.dtype)
+        conv = dict(impl=self.conv_impl, dtype=self.dtype, chunk=self.contract_chunk)
         bn = dict(impl=self.bn_impl, dtype=self.dtype)
         out = Conv(self.planes, 3, self.stride, 1, name="conv1", **conv)(x)
         out = nn.relu(BatchNorm(name="bn1", **bn)(out, train))
@@ -69,12 +70,13 @@ class Bottleneck(nn.Module):
     conv_impl: str = "lax"
     bn_impl: str = "flax"
     dtype: jnp.dtype = jnp.float32
+    contract_chunk: int = 0
 
     expansion = 4
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv = dict(impl=self.conv_impl, dtype=self.dtype)
+        conv = dict(impl=self.conv_impl, dtype=self.dtype, chunk=self.contract_chunk)
         bn = dict(impl=self.bn_impl, dtype=self.dtype)
         out_planes = self.planes * self.expansion
         out = Conv(self.planes, 1, 1, 0, name="conv1", **conv)(x)
@@ -93,7 +95,7 @@ def _shortcut(block: nn.Module, x: jax.Array, out_planes: int, train: bool) -> j
         return x
     # Called inside the block's compact __call__, so these become the block's children.
     conv = Conv(out_planes, 1, block.stride, 0, impl=block.conv_impl, dtype=block.dtype,
-                name="downsample_conv")  # fmt: skip
+                chunk=block.contract_chunk, name="downsample_conv")  # fmt: skip
     bn = BatchNorm(impl=block.bn_impl, dtype=block.dtype, name="downsample_bn")
     return bn(conv(x), train)
 
@@ -114,6 +116,8 @@ class ResNet(nn.Module):
       maxpool_impl: 'lax' or 'deterministic' (see pooling.py).
       bn_impl: 'flax' or 'fused' (see batchnorm.py).
       dtype: compute dtype; parameters stay float32, logits are returned in float32.
+      contract_chunk: matmuls contract at most this many terms at a time, summed in order
+        (portable CPU mode, contract.py); 0: plain matmuls.
     """
 
     stage_sizes: tuple[int, ...]
@@ -126,6 +130,7 @@ class ResNet(nn.Module):
     maxpool_impl: str = "lax"
     bn_impl: str = "flax"
     dtype: jnp.dtype = jnp.float32
+    contract_chunk: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
@@ -140,13 +145,15 @@ class ResNet(nn.Module):
                     conv_impl=self.conv_impl,
                     bn_impl=self.bn_impl,
                     dtype=self.dtype,
+                    contract_chunk=self.contract_chunk,
                     name=f"layer{i + 1}_{j}",
                 )(x, train)
         # Global average pool accumulated in float32 (a bf16 mean over 49 values loses bits).
         features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         if return_features:
             return features
-        logits = Head(self.num_classes, dtype=self.dtype, name="fc")(features)
+        head = Head(self.num_classes, dtype=self.dtype, chunk=self.contract_chunk, name="fc")
+        logits = head(features)
         return logits.astype(jnp.float32)
 
     def features(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -154,7 +161,7 @@ class ResNet(nn.Module):
         return self(x, train=train, return_features=True)
 
     def _stem(self, x: jax.Array, train: bool) -> jax.Array:
-        conv = dict(impl=self.conv_impl, dtype=self.dtype)
+        conv = dict(impl=self.conv_impl, dtype=self.dtype, chunk=self.contract_chunk)
         if self.stem == "imagenet":
             x = Conv(self.width, 7, 2, 3, name="conv1", **conv)(x)
         elif self.stem == "cifar":

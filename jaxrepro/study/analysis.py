@@ -17,7 +17,7 @@ import tempfile
 
 from jaxrepro import config as config_lib
 from jaxrepro import dropoff as dropoff_lib
-from jaxrepro import jsonio, rng, stats
+from jaxrepro import jsonio, machine, rng, stats
 from jaxrepro.report import report as report_lib
 from jaxrepro.study.plan import FINISHED, Run, Spec, run_status
 
@@ -196,13 +196,11 @@ def replay_largest(
 
 
 def _environment(records: list[dict]) -> dict:
-    from jaxrepro.train import runinfo
-
     if not records:
         return {}
     info = records[0]["info"]
     setups = {
-        jsonio.dumps(runinfo.setup_fingerprint(r["info"].get("platform", {})), sort_keys=True)
+        jsonio.dumps(machine.fingerprint(r["info"].get("platform", {})), sort_keys=True)
         for r in records
     }
     return {

@@ -29,7 +29,7 @@ import numpy as np
 from jaxrepro import config as config_lib
 from jaxrepro import data as data_lib
 from jaxrepro import dropoff as dropoff_lib
-from jaxrepro import hashing, jsonio, parallel, rng
+from jaxrepro import hashing, jsonio, machine, parallel, rng
 from jaxrepro.checkpoints import Checkpoints, protected_steps
 from jaxrepro.data import order as order_lib
 from jaxrepro.errors import CheckpointError, ConfigError, JaxreproError, WorkdirError
@@ -195,6 +195,7 @@ def run(config, workdir: str, *, stop_after: int | None = None, origin: Origin |
     rng.configure()
     config_lib.validate(config)
     parallel.apply_determinism(config.determinism)  # in time only before the backend starts
+    machine.apply_portable(config.determinism.portable)  # likewise; refused once too late
     ws = Workdir(workdir)
     claimed = config_lib.to_dict(config)
     if origin is not None:
@@ -483,6 +484,10 @@ class Runner:
 
     def _write_run_start(self, start_step: int, how: str, state):
         info = dict(self.info)
+        platform = runinfo.platform_info(portable=self.config.determinism.portable)
+        machine.check_portable(
+            platform["portable"], platform["backend"], platform["cpu"], platform["xla_flags"]
+        )
         if self.origin is not None:
             info.setdefault(
                 "replay",
@@ -498,7 +503,7 @@ class Runner:
         info.update(
             status="running",
             seeds=self.seeds,
-            platform=runinfo.platform_info(),
+            platform=platform,
             libraries=runinfo.library_versions(),
             code=runinfo.code_version(),
             conv_impl=self.conv_impl,
@@ -515,7 +520,23 @@ class Runner:
         )
         info.setdefault("resumes", [])
         if how == "resume":
-            info["resumes"].append({"from_step": start_step, "time": time.time()})
+            resume = {"from_step": start_step, "time": time.time()}
+            before = self.info.get("platform")
+            diffs = (
+                machine.differences(machine.fingerprint(before), platform["fingerprint"])
+                if before
+                else ["the interrupted run recorded no platform"]
+            )
+            if diffs:  # the run goes on, but is no longer a function of one platform
+                resume["platform_differences"] = diffs
+                log.warning(
+                    "%s: resumed on another platform, so the rows from step %d on are not "
+                    "bitwise those of an uninterrupted run: %s",
+                    self.ws.path,
+                    start_step,
+                    "; ".join(diffs),
+                )
+            info["resumes"].append(resume)
         info["mesh"] = self.par.describe()
         info["determinism"] = parallel.determinism_record(self.config.determinism)
         self.info = info

@@ -9,7 +9,7 @@ import subprocess
 
 import jax
 
-from jaxrepro import __version__, procenv, rng
+from jaxrepro import __version__, machine, procenv, rng
 
 _LIBS = (
     "jax",
@@ -24,13 +24,7 @@ _LIBS = (
 
 
 def library_versions() -> dict[str, str]:
-    out = {}
-    for lib in _LIBS:
-        try:
-            out[lib] = importlib.metadata.version(lib)
-        except importlib.metadata.PackageNotFoundError:
-            out[lib] = None
-    return out
+    return {lib: _version(lib) for lib in _LIBS}
 
 
 def code_version() -> dict:
@@ -65,10 +59,15 @@ def cpu_threads() -> int:
         return os.cpu_count() or 1
 
 
-def platform_info() -> dict:
-    """Backend, devices, processes, CPU threads, XLA flags and PRNG settings."""
+def platform_info(portable: bool = False) -> dict:
+    """Backend, devices, processes, CPU and its threads, XLA flags, PRNG settings.
+
+    ``fingerprint`` is the part that bitwise equality is conditional on (jaxrepro.machine);
+    ``portable``: whether the run is in portable CPU mode (``determinism.portable``).
+    """
     devices = jax.devices()
-    return {
+    xla_flags = os.environ.get("XLA_FLAGS", "")
+    info = {
         "backend": jax.default_backend(),
         "device_kind": devices[0].device_kind,
         "device_count": jax.device_count(),
@@ -77,15 +76,23 @@ def platform_info() -> dict:
         "process_index": jax.process_index(),
         "cpu_threads": cpu_threads(),
         "cpu_count": os.cpu_count(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "xla_flags": xla_flags,
+        "xla_cpu_max_isa": machine.effective_max_isa(xla_flags),
+        "cpu": machine.cpu_info(),
+        "portable": bool(portable),
+        "jaxlib": _version("jaxlib"),
         "glibc_tunables": procenv.malloc_setting(),  # huge pages for malloc (speed only)
         "machine": platform.machine(),
         "python": platform.python_version(),
         **rng.settings(),
     }
+    info["fingerprint"] = machine.fingerprint(info)
+    info["fingerprint_id"] = machine.fingerprint_id(info["fingerprint"])
+    return info
 
 
-def setup_fingerprint(info: dict) -> dict:
-    """The part of the platform that bitwise equality is conditional on (compare like with like)."""
-    keys = ("backend", "device_kind", "device_count", "process_count", "cpu_threads", "xla_flags")
-    return {k: info.get(k) for k in keys}
+def _version(lib: str) -> str | None:
+    try:
+        return importlib.metadata.version(lib)
+    except importlib.metadata.PackageNotFoundError:
+        return None

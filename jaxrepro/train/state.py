@@ -7,7 +7,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxrepro import models, rng
+from jaxrepro import machine, models, rng
+from jaxrepro.errors import ConfigError
 from jaxrepro.train import optimizer as optimizer_lib
 from jaxrepro.train.step import TrainState
 
@@ -32,6 +33,18 @@ class Phase:
         return self.start + self.steps
 
 
+def portable_chunk(config, conv_impl: str) -> int:
+    """The contraction chunk of portable CPU mode (jaxrepro.machine), or 0."""
+    if not config.determinism.portable or jax.default_backend() != "cpu":
+        return 0
+    if conv_impl != "matmul":
+        raise ConfigError(
+            f"determinism.portable needs model.conv_impl 'matmul' or 'auto' on CPU (got "
+            f"{conv_impl!r}): XLA's own convolution blocks its sums by the CPU's caches"
+        )
+    return machine.PORTABLE_CHUNK
+
+
 def build_module(config, num_classes: int, conv_impl: str):
     m = config.model
     return models.build(
@@ -44,6 +57,7 @@ def build_module(config, num_classes: int, conv_impl: str):
         bn_impl=m.bn_impl,
         dtype=m.dtype,
         width=m.width,
+        contract_chunk=portable_chunk(config, conv_impl),
     )
 
 
