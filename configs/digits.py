@@ -8,7 +8,7 @@ per class for fine-tuning, 247 for testing. Everything is embedded: no download.
     python -m jaxrepro train --config=configs/digits.py:smoke --workdir=runs/smoke
 
 Expected (2 CPU cores): ~60-70 s a run; final source accuracy after pretraining varies
-across augmentation seeds by ~15 points at lr 3e-3 with crop padding 4 (FINDINGS.md).
+across augmentation seeds by ~15 points at lr 3e-3 with crop padding 4 (docs/findings.md).
 The smoke variant (a tiny ResNet at 16x16) runs in well under a minute; it sets every field
 it depends on itself, so its pinned bits (tests/test_pinned.py) do not move with the recipe.
 """

@@ -392,7 +392,7 @@ def base() -> ml_collections.ConfigDict:
 
     from jaxrepro import dropoff
 
-    c.dropoff = dropoff.default_config()  # detection thresholds (DESIGN: drop-offs)
+    c.dropoff = dropoff.default_config()  # detection thresholds (docs/design.md)
 
     c.runtime = ml_collections.ConfigDict()  # does not change the trajectory
     c.runtime.progress_every_s = 10.0

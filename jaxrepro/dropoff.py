@@ -53,7 +53,7 @@ _MAD_SCALE = 1.4826  # MAD -> standard deviation for a normal distribution
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """Thresholds of the detector, chosen for the digits default (FINDINGS.md).
+    """Thresholds of the detector, chosen for the digits default (docs/findings.md).
 
     Loss is logged every step at batch 32 there, so batch noise is large: the robust
     coefficient of variation (1.4826 MAD / median over 20 steps) of a PyTorch ResNet-50

@@ -1,6 +1,6 @@
 """What the bits depend on about the machine, and the portable CPU mode.
 
-XLA:CPU's results depend on more than its flags (docs/determinism.md, "Across machines"):
+XLA:CPU's results depend on more than its flags (docs/determinism.md):
 
 * **Runtime-dispatched kernels.** XLA 0.10 hands reductions (the gradient norms, the
   BatchNorm sums) to YNNPACK fusions, which pick their kernels from the CPU's features

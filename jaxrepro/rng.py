@@ -1,6 +1,6 @@
 """The only place that makes PRNG keys.
 
-Randomness is split into factors (DESIGN.md), each with its own seed. A factor's
+Randomness is split into factors (docs/design.md), each with its own seed. A factor's
 root key is derived from its seed and the factor's fixed index, so two factors
 with the same seed still draw independent streams. Every other key is derived
 from a root with ``fold_in``, never carried and never split from hidden state:

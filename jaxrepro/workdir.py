@@ -1,4 +1,4 @@
-"""A run's working directory: the interface other tools read (DESIGN.md).
+"""A run's working directory: the interface other tools read (docs/design.md).
 
 WORKDIR/config.json    the full resolved config
 WORKDIR/run.json       metadata, seeds, hashes, status

@@ -348,7 +348,7 @@ def test_analysis_of_a_synthetic_study(data_dir, tmp_path):
     assert set(spike["attributed_to"]) == {"init", "head", "dropout"}
     assert point["dropoffs"]["rate"]["pretrain/loss"]["rate"] == 1.0
     # Example ids of the batch at step 5, one batch per data seed.
-    n = 1400  # digits train split (FINDINGS.md)
+    n = 1400  # digits train split (docs/findings.md)
     by_data = {
         d: [f"aug{a}-data{d}" for a in range(4)] if d == 0 else [f"aug0-data{d}"] for d in range(4)
     }

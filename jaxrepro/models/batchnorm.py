@@ -13,7 +13,7 @@ Conventions (all chosen to match PyTorch, so ported weights and reference traini
 ``impl='flax'`` lets JAX differentiate the plain formula. ``impl='fused'`` gives the
 same function a ``jax.custom_vjp`` with the closed-form backward
 ``dx = inv * (g*dy - mean(g*dy) - xhat * mean(g*dy*xhat))``, which is far cheaper
-than the autodiff graph on XLA:CPU (FINDINGS.md: ~60 ms of a ~260 ms ResNet-50 step).
+than the autodiff graph on XLA:CPU (docs/findings.md: ~60 ms of a ~260 ms ResNet-50 step).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 * ``'matmul'``: 1x1 convs as one matmul; kxk convs as explicit patches (strided slices
   of the padded input, concatenated on channels in the kernel's (h, w, i) order) and one
   matmul. XLA:CPU's convolution is slow on the small maps of a CIFAR-sized ResNet
-  while its matmuls run through a fast library (FINDINGS.md: ~3x for ResNet-50 32x32).
+  while its matmuls run through a fast library (docs/findings.md: ~3x for ResNet-50 32x32).
   It lives in conv.py: taps that only see padding are left out, and the backward is
   hand-written (results/bench/NOTES.md).
 

@@ -288,6 +288,7 @@ def _what_was_run(summary: dict) -> list[str]:
             f"{p.get('cpu_threads')} CPU threads, python {p.get('python')}, PRNG "
             f"{p.get('prng_impl')} (partitionable={p.get('threefry_partitionable')}), "
             f"XLA_FLAGS={p.get('xla_flags')!r}; {env.get('distinct_setups')} distinct setup(s)",
+            "- " + platform_sentence(p),
         ]
     walls = [r["wall_time_s"] for r in summary["runs"] if r.get("wall_time_s")]
     per_run = f"; a run's training {min(walls):.0f}–{max(walls):.0f} s" if walls else ""
@@ -497,3 +498,30 @@ def broken_links(md_path: str) -> list[str]:
     with open(md_path) as f:
         targets = re.findall(r"\]\(([^)\s]+)\)", f.read())
     return [t for t in targets if "://" not in t and not os.path.exists(os.path.join(base, t))]
+
+
+def platform_sentence(p: dict) -> str:
+    """Which machines can reproduce these numbers bit for bit (jaxrepro.machine)."""
+    cpu = p.get("cpu")
+    if not cpu:
+        return (
+            "reproducible elsewhere: unknown (the runs recorded no CPU fingerprint; numbers "
+            "on another CPU may differ from the first evaluation on)"
+        )
+    fid = p.get("fingerprint_id")
+    if p.get("portable"):
+        return (
+            f"platform fingerprint {fid}, **portable mode**: the same config gives these bits on "
+            f"any x86-64 CPU with AVX2 and FMA, with {p.get('cpu_threads')} CPU threads and "
+            "the same library versions"
+        )
+    isa = cpu.get("isa") or []
+    level = "AVX-512" if "avx512f" in isa else ("AVX2+FMA" if "fma" in isa else "pre-AVX2")
+    return (
+        f"platform fingerprint {fid}: {cpu.get('vendor')} family {cpu.get('family')} model "
+        f"{cpu.get('model')} ({cpu.get('model_name')}, {level}), native mode. Bitwise the same "
+        "numbers only on a CPU of the same family and model with the same thread count, "
+        "flags and library versions; on another CPU expect other numbers from the first "
+        "evaluation on (summation order: docs/determinism.md). "
+        "`--config.determinism.portable=True` makes a study reproducible on any AVX2+FMA CPU."
+    )

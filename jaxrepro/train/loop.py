@@ -1,4 +1,4 @@
-"""One training run: pretrain then fine-tune, writing the workdir of DESIGN.md.
+"""One training run: pretrain then fine-tune, writing the workdir of docs/design.md.
 
 Decide how to start, in this order: (1) validate the config; (2) claim the workdir (a
 different config there is refused, the same one resumes); (3) restore the latest complete
