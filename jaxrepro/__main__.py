@@ -57,8 +57,8 @@ flags.DEFINE_bool(
 flags.DEFINE_bool(
     "force",
     False,
-    "replay: go on although the run was recorded on another platform fingerprint (the "
-    "replay's summary records it; bitwise equality is then not expected).",
+    "replay, study: go on although a run was recorded on another platform fingerprint "
+    "(recorded; bitwise equality is then not expected).",
 )
 flags.DEFINE_string("out", None, "Output directory (audit, study, port, compare, bench).")
 flags.DEFINE_string("vary", None, "study: factors to vary: aug | aug,data | all.")

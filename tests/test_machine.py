@@ -216,3 +216,26 @@ def test_portable_cli_run_sets_its_flags_and_refuses_lax_convolutions(tmp_path, 
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "determinism.portable needs model.conv_impl" in proc.stderr
+
+
+def test_study_refuses_to_mix_platforms_unless_forced(small_run, tmp_path, data_dir):
+    """Fails if a resumed study skips the comparison of its finished runs' fingerprints."""
+    from types import SimpleNamespace
+
+    from helpers import tiny_digits
+
+    from jaxrepro.study import _platform_check
+
+    out = tmp_path / "study"
+    for name in ("same", "other"):
+        shutil.copytree(small_run, out / "runs" / name)
+    config = tiny_digits(data_dir)
+    runs = [SimpleNamespace(name="same"), SimpleNamespace(name="other")]
+    assert _platform_check(config, str(out), runs, force=False) == {}
+    path = out / "runs" / "other" / "run.json"
+    info = json.loads(path.read_text())
+    info["platform"]["cpu"]["isa"] = ["sse4_2", "avx", "avx2", "fma"]
+    path.write_text(json.dumps(info))
+    with pytest.raises(machine.PlatformMismatch, match="cpu.isa"):
+        _platform_check(config, str(out), runs, force=False)
+    assert list(_platform_check(config, str(out), runs, force=True)) == ["other"]

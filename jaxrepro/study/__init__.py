@@ -123,6 +123,7 @@ def run_study(
     command: str | None = None,
     python: str | None = None,
     env: dict | None = None,
+    force: bool = False,
 ) -> dict:
     """Runs (or resumes) a seed study into ``out``; returns the summary (also summary.json).
 
@@ -145,6 +146,7 @@ def run_study(
         command: the command line recorded in the report.
         python: the interpreter of the runs (default: this one).
         env: extra environment variables of the runs.
+        force: go on although finished runs were recorded on another platform fingerprint.
 
     Returns:
         The summary dict; with ``jobs_only``, ``{"jobs": path, "runs": [...]}``.
@@ -169,12 +171,15 @@ def run_study(
         log.info("study: %d jobs written to %s; nothing run", len(runs), jobs)
         return {"jobs": jobs, "runs": [r.name for r in runs]}
     todo = [r for r in runs if run_status(out, r) not in FINISHED]
+    mixed = _platform_check(config, out, [r for r in runs if r not in todo], force)
     session = {
         "started": started,
         "code_at_start": source_hash(),
         "launched": [r.name for r in todo],
         "skipped": [r.name for r in runs if r not in todo],
     }
+    if mixed:
+        session["platform_differences"] = mixed
     log.info(
         "study: %d runs, %d finished already, %d to run",
         len(runs),
@@ -247,6 +252,38 @@ def _command_line() -> str:
     return "python -m jaxrepro " + shlex.join(sys.argv[1:])
 
 
+def _platform_check(config, out: str, finished: list[Run], force: bool) -> dict:
+    """Finished runs recorded on another platform fingerprint than this machine's runs get.
+
+    Refuses (before any run starts) unless ``force``; returns {run: differences}.
+    """
+    from jaxrepro import machine
+    from jaxrepro.train import runinfo
+
+    if not finished:
+        return {}
+    here = runinfo.platform_info(portable=config.determinism.portable)
+    env = {"XLA_FLAGS": here["xla_flags"]}
+    machine.apply_portable(config.determinism.portable, env)  # what the runs' processes get
+    here["xla_flags"] = env["XLA_FLAGS"]
+    mine = machine.fingerprint(here)
+    mixed = {}
+    for r in finished:
+        path = os.path.join(out, "runs", r.name, "run.json")
+        recorded = (jsonio.read_json(path) if os.path.isfile(path) else {}).get("platform")
+        diffs = machine.differences(machine.fingerprint(recorded), mine) if recorded else []
+        if diffs:
+            mixed[r.name] = diffs
+    if mixed and not force:
+        first = next(iter(mixed))
+        raise machine.PlatformMismatch(
+            f"study {out}: {len(mixed)} finished run(s) were made on another platform "
+            f"({first}: {'; '.join(mixed[first])}), so new runs here would not be comparable "
+            "bit for bit; pass --force to mix platforms anyway (the report counts them)"
+        )
+    return mixed
+
+
 def main_from_flags(flags, config) -> int:
     """``jaxrepro study``: the thin wrapper over :func:`run_study`."""
     summary = run_study(
@@ -260,6 +297,7 @@ def main_from_flags(flags, config) -> int:
         replay=getattr(flags, "study_replay", True),
         keep_checkpoints=getattr(flags, "keep_checkpoints", "all"),
         command=_command_line(),
+        force=getattr(flags, "force", False),
     )
     if flags.jobs_only:
         print(f"{len(summary['runs'])} jobs: {summary['jobs']}")
