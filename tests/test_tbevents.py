@@ -3,13 +3,10 @@ TensorBoard's own EventAccumulator read back, also across a resume."""
 
 from __future__ import annotations
 
-import math
 import os
 
-import numpy as np
 import pytest
-from helpers import tiny_digits
-from tensorboard.backend.event_processing import event_accumulator as ea_lib
+from helpers import accumulator, check_event_files, tiny_digits
 
 from jaxrepro import dropoff, tbevents
 from jaxrepro.compare import readers
@@ -28,52 +25,6 @@ SENSITIVE = {
     "dropoff.loss.mad_floor": 1e-6,
     "dropoff.loss.refractory": 0,
 }
-
-
-def _expected(rows) -> dict:
-    """(tag, step) -> float32 value of every scalar a metrics.jsonl implies."""
-    return {
-        (tag, r["step"]): float(np.float32(v)) for r in rows for tag, v in tbevents.row_scalars(r)
-    }
-
-
-def _same(a: float, b: float) -> bool:
-    return a == b or (math.isnan(a) and math.isnan(b))
-
-
-def _accumulator(workdir):
-    acc = ea_lib.EventAccumulator(
-        tbevents.tb_dir(workdir), size_guidance={ea_lib.SCALARS: 0, ea_lib.TENSORS: 0}
-    )
-    acc.Reload()
-    return acc
-
-
-def _check_reads_back(workdir) -> dict:
-    """Both readers give exactly the scalars metrics.jsonl implies, each point once."""
-    rows = Workdir(workdir).metrics()
-    want = _expected(rows)
-    files = tbevents.event_files(workdir)
-    assert files
-    # The project's reader: rows of the same kind, phase, split, step and values.
-    got = {}
-    for r in readers.read_tensorboard(files):
-        prefix = f"{r['phase']}/{r['kind']}/" + (f"{r['split']}/" if r["kind"] == "eval" else "")
-        for k, v in r.items():
-            if k not in ("kind", "step", "phase", "split"):
-                got[(prefix + k, r["step"])] = v
-    assert got.keys() == want.keys()
-    assert all(_same(got[k], want[k]) for k in want)
-    # TensorBoard's own accumulator (it applies the resume's purge itself): no point twice.
-    acc = _accumulator(workdir)
-    seen = {}
-    for tag in acc.Tags()["scalars"]:
-        for e in acc.Scalars(tag):
-            assert (tag, e.step) not in seen, f"{tag} step {e.step} twice"
-            seen[(tag, e.step)] = e.value
-    assert seen.keys() == want.keys()
-    assert all(_same(seen[k], want[k]) for k in want)
-    return {"acc": acc, "rows": rows}
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +47,7 @@ def test_resumed_run_event_files_read_back_exactly_without_duplicates(resumed):
     # see them twice (or keep the first session's), so this also checks the purge.
     first_steps = {r["step"] for r in readers.read_tensorboard(first)}
     assert max(first_steps) >= 10
-    result = _check_reads_back(path)
+    result = check_event_files(path)
     tags = result["acc"].Tags()["scalars"]
     for tag in ("pretrain/train/loss", "finetune/train/grad_norm", "pretrain/train/lr"):
         assert tag in tags
@@ -107,7 +58,7 @@ def test_dropoffs_are_text_events_at_their_onsets(resumed):
     path, *_ = resumed
     events = dropoff.load_dropoffs(path)
     assert len(events) >= 2
-    acc = _accumulator(path)
+    acc = accumulator(path)
     texts = acc.Tensors(tbevents.DROPOFF_TAG)
     assert [t.step for t in texts] == [e["step"] for e in events]
     for t, e in zip(texts, events, strict=True):
@@ -133,7 +84,7 @@ def test_purge_drops_the_re_executed_steps_of_older_files(tmp_path):
     want = {0: 1.0, 1: 2.0, 2: 3.0, 3: 0.25}  # steps 4 and 5 are not re-run yet
     got = readers.read_tensorboard(tbevents.event_files(workdir))
     assert {r["step"]: r["loss"] for r in got} == want
-    points = _accumulator(workdir).Scalars("pretrain/train/loss")
+    points = accumulator(workdir).Scalars("pretrain/train/loss")
     assert {p.step: p.value for p in points} == want and len(points) == 4
 
 
