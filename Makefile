@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= test,torch
+EXTRAS ?= test,torch,analysis
 STUDY_OUT ?= runs/digits_aug
 STUDY_FLAGS ?=
 # Transparent huge pages for malloc (glibc; ignored elsewhere): XLA:CPU's per-step buffers

@@ -12,6 +12,7 @@ r"""The command line: ``jaxrepro COMMAND --flags`` (also ``python -m jaxrepro``)
     jaxrepro torch_train --config=... --workdir=DIR   (the PyTorch reference run)
     jaxrepro compare  --jax=RUN_OR_STUDY --torch=PATH --out=DIR
     jaxrepro bench    step|startup|e2e|checkpoint|memory|all [key=value ...] [--out=results/bench]
+    jaxrepro status   DIR [--watch [--interval=S]]   (a run or a study directory)
 
 Errors in the user's input print one line naming the problem and exit with status 2.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -87,6 +89,8 @@ flags.DEFINE_enum(
     "study: after the analysis keep every run's checkpoints (all), or only the last one and "
     "the one before each recorded drop-off (dropoffs: every drop-off stays replayable).",
 )
+flags.DEFINE_bool("watch", False, "status: refresh until every run has ended (Ctrl-C stops).")
+flags.DEFINE_float("interval", 5.0, "status --watch: seconds between refreshes.")
 flags.DEFINE_string("dataset", None, "prepare: dataset name.")
 flags.DEFINE_string("data_dir", None, "prepare: TFDS data dir (default: $JAXREPRO_DATA_DIR).")
 FLAGS = flags.FLAGS
@@ -298,6 +302,36 @@ def cmd_dropoffs(argv):
     return 0
 
 
+@command
+def cmd_status(argv):
+    from jaxrepro import status
+
+    path = argv[2] if len(argv) > 2 else FLAGS.workdir
+    if not path:
+        raise JaxreproError("usage: jaxrepro status DIR [--watch]: a run or a study directory")
+    if FLAGS.interval <= 0:
+        raise JaxreproError(f"--interval={FLAGS.interval}: must be > 0 seconds")
+    while True:
+        s = status.status(path)
+        text = status.format_status(s)
+        if FLAGS.watch and sys.stdout.isatty():
+            text = "\x1b[H\x1b[2J" + text  # redraw in place
+        print(text, flush=True)
+        if not FLAGS.watch or not _still_going(s):
+            return 0
+        try:
+            time.sleep(FLAGS.interval)
+        except KeyboardInterrupt:
+            return 0
+        if not sys.stdout.isatty():
+            print(flush=True)
+
+
+def _still_going(s: dict) -> bool:
+    runs = s["runs"].values() if s["kind"] == "study" else [s]
+    return any(r["state"] in ("running", "unknown") for r in runs)
+
+
 def _setup_logging():
     """Our progress at INFO on stderr; the libraries' (orbax, tfds, absl) only errors."""
     absl_logging.set_verbosity(absl_logging.ERROR)
@@ -336,7 +370,13 @@ def main(argv):
             file=sys.stderr,
         )
         return 2
-    if len(argv) > 2 and argv[1] != "bench":
+    positional = {"bench": None, "status": 1}  # commands that take arguments: how many
+    if len(argv) > 2 and argv[1] in positional:
+        most = positional[argv[1]]
+        if most is not None and len(argv) - 2 > most:
+            print(f"error: unexpected arguments {argv[2 + most :]}", file=sys.stderr)
+            return 2
+    elif len(argv) > 2:
         print(f"error: unexpected arguments {argv[2:]}", file=sys.stderr)
         return 2
     _setup_logging()
@@ -347,8 +387,9 @@ def main(argv):
             _REPLAY_SETUP["record"] = setup_lib.replay_process_setup(
                 FLAGS.workdir, sys.argv, reexec=FLAGS.replay_setup
             )
-        _before_backend()
-        setup_compile_cache()
+        if argv[1] != "status":  # status reads files only: no backend, no JAX
+            _before_backend()
+            setup_compile_cache()
         return COMMANDS[argv[1]](argv)
     except JaxreproError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -226,6 +226,9 @@ def validate(config) -> None:
     _positive_int(config, "checkpoint.keep_last")
     _positive_int(config, "checkpoint.keep_every", allow_zero=True)
     _validate_parallel(config)
+    _number(config, "runtime.progress_every_s", lo=0, lo_open=True)
+    _number(config, "runtime.heartbeat_every_s", lo=0, lo_open=True)
+    _check_type(_require(config, "runtime.tensorboard"), bool, "runtime.tensorboard")
 
 
 def _validate_parallel(config):
@@ -396,6 +399,10 @@ def base() -> ml_collections.ConfigDict:
 
     c.runtime = ml_collections.ConfigDict()  # does not change the trajectory
     c.runtime.progress_every_s = 10.0
+    # TensorBoard event files in WORKDIR/tb (jaxrepro.tbevents); false: none are written.
+    c.runtime.tensorboard = True
+    # heartbeat.json (host, pid, step, steps/s) is rewritten this often (jaxrepro status).
+    c.runtime.heartbeat_every_s = 10.0
 
     # GPU only (jaxrepro.parallel): XLA flags set before the backend starts, kept in run.json.
     c.determinism = ml_collections.ConfigDict()

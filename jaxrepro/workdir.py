@@ -4,6 +4,8 @@ WORKDIR/config.json    the full resolved config
 WORKDIR/run.json       metadata, seeds, hashes, status
 WORKDIR/metrics.jsonl  one row per logged step and per eval
 WORKDIR/dropoffs.json  detected drop-off events
+WORKDIR/heartbeat.json the running process: host, pid, step, steps/s (``jaxrepro status``)
+WORKDIR/tb/            TensorBoard event files (jaxrepro.tbevents)
 WORKDIR/checkpoints/   orbax steps
 WORKDIR/replays/NAME/  branch runs
 """
@@ -41,6 +43,10 @@ class Workdir:
     @property
     def dropoffs_path(self):
         return self.file("dropoffs.json")
+
+    @property
+    def heartbeat_path(self):
+        return self.file("heartbeat.json")
 
     @property
     def checkpoint_dir(self):
@@ -87,6 +93,19 @@ class Workdir:
         run.update(fields)
         jsonio.write_json(self.run_path, run)
         return run
+
+    def write_heartbeat(self, fields: dict) -> None:
+        """Replaces heartbeat.json (atomically, without fsync: it only says who is alive)."""
+        tmp = f"{self.heartbeat_path}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(jsonio.dumps(fields, sort_keys=True) + "\n")
+        os.replace(tmp, self.heartbeat_path)
+
+    def read_heartbeat(self) -> dict | None:
+        try:
+            return jsonio.read_json(self.heartbeat_path)
+        except (OSError, ValueError):
+            return None
 
     def metrics(self) -> list[dict]:
         return jsonio.read_jsonl(self.metrics_path)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
+
 from jaxrepro import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,3 +81,63 @@ def snapshot(path: str) -> dict:
             with open(p, "rb") as fh:
                 out[os.path.relpath(p, path)] = fh.read()
     return out
+
+
+# ----------------------------------------------------------------------------- event files
+
+
+def _expected(rows) -> dict:
+    """(tag, step) -> float32 value of every scalar a metrics.jsonl implies."""
+    from jaxrepro import tbevents
+
+    return {
+        (tag, r["step"]): float(np.float32(v)) for r in rows for tag, v in tbevents.row_scalars(r)
+    }
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def accumulator(workdir):
+    """TensorBoard's own EventAccumulator over the run's event files, every point kept."""
+    from tensorboard.backend.event_processing import event_accumulator as ea_lib
+
+    from jaxrepro import tbevents
+
+    acc = ea_lib.EventAccumulator(
+        tbevents.tb_dir(workdir), size_guidance={ea_lib.SCALARS: 0, ea_lib.TENSORS: 0}
+    )
+    acc.Reload()
+    return acc
+
+
+def check_event_files(workdir) -> dict:
+    """Both readers give exactly the scalars metrics.jsonl implies, each point once."""
+    from jaxrepro import tbevents
+    from jaxrepro.compare import readers
+    from jaxrepro.workdir import Workdir
+
+    rows = Workdir(workdir).metrics()
+    want = _expected(rows)
+    files = tbevents.event_files(workdir)
+    assert files
+    # The project's reader: rows of the same kind, phase, split, step and values.
+    got = {}
+    for r in readers.read_tensorboard(files):
+        prefix = f"{r['phase']}/{r['kind']}/" + (f"{r['split']}/" if r["kind"] == "eval" else "")
+        for k, v in r.items():
+            if k not in ("kind", "step", "phase", "split"):
+                got[(prefix + k, r["step"])] = v
+    assert got.keys() == want.keys()
+    assert all(_same(got[k], want[k]) for k in want)
+    # TensorBoard's own accumulator (it applies the resume's purge itself): no point twice.
+    acc = accumulator(workdir)
+    seen = {}
+    for tag in acc.Tags()["scalars"]:
+        for e in acc.Scalars(tag):
+            assert (tag, e.step) not in seen, f"{tag} step {e.step} twice"
+            seen[(tag, e.step)] = e.value
+    assert seen.keys() == want.keys()
+    assert all(_same(seen[k], want[k]) for k in want)
+    return {"acc": acc, "rows": rows}

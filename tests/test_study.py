@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from helpers import REPO, TINY_FLAGS, snapshot, tiny_digits
+from helpers import REPO, TINY_FLAGS, check_event_files, snapshot, tiny_digits
 
 from jaxrepro import config as config_lib
 from jaxrepro import dropoff, jsonio, rng, study
@@ -493,6 +493,58 @@ def test_study_replays_its_largest_dropoff_exactly(real_study):
     value = r["event_value"]
     assert value["reproduced"] and value["replayed"] == r["event"]["after"]
     assert r["event_recurs"]
+
+
+def test_event_files_of_the_killed_and_resumed_study(real_study):
+    """Runs killed by the study's SIGKILL and resumed: each point once, as metrics.jsonl."""
+    out, summary, *_ = real_study
+    for name in ("aug0", "aug1", "aug2"):
+        check_event_files(os.path.join(out, "runs", name))
+    check_event_files(os.path.join(out, summary["replay"]["replay_dir"]))
+
+
+def test_results_load_gives_tidy_frames_of_the_study(real_study):
+    from jaxrepro import results
+
+    out, *_ = real_study
+    r = results.load(out)
+    assert r.incomplete == {}
+    rows = {n: dropoff.read_metrics(os.path.join(out, "runs", n)) for n in ("aug0", "aug1", "aug2")}
+    assert len(r.metrics) == sum(len(v) for v in rows.values())
+    assert list(r.metrics.columns[:2]) == ["run", "arm"] and set(r.metrics.arm) == {"base"}
+    for name, want in rows.items():
+        got = r.metrics[r.metrics.run == name]
+        assert set(got.seed_aug) == {int(name[-1])} and set(got.seed_init) == {0}
+        assert got.step.tolist() == [w["step"] for w in want]
+        assert got.loss.tolist() == [w["loss"] for w in want]
+    events = sum(len(dropoff.load_dropoffs(os.path.join(out, "runs", n))) for n in rows)
+    assert len(r.events) == events and {"run", "seed_aug", "step", "metric"} <= set(r.events)
+    assert r.runs.run.tolist() == ["aug0", "aug1", "aug2"] and set(r.runs.status) == {"done"}
+
+
+def test_results_load_of_a_half_written_study(real_study, tmp_path):
+    """aug0 done, aug1 killed mid-run (a torn last line), aug2 never started."""
+    import shutil
+
+    from jaxrepro import results
+
+    out, *_ = real_study
+    half = tmp_path / "half"
+    shutil.copytree(
+        out, half, ignore=shutil.ignore_patterns("checkpoints", "replays", "tb", "aug2")
+    )
+    run1 = half / "runs" / "aug1"
+    info = jsonio.read_json(str(run1 / "run.json"))
+    jsonio.write_json(str(run1 / "run.json"), dict(info, status="running"))
+    lines = (run1 / "metrics.jsonl").read_text().splitlines()
+    (run1 / "metrics.jsonl").write_text("\n".join(lines[:10]) + "\n" + lines[10][:7])
+    r = results.load(str(half))
+    assert set(r.metrics.run) == {"aug0"} and list(r.runs.run) == ["aug0", "aug1"]
+    assert r.incomplete == {"aug1": "running", "aug2": "not started"}
+    r = results.load(str(half), partial=True)
+    assert (r.metrics.run == "aug1").sum() == 10 and r.incomplete["aug1"] == "running"
+    with pytest.raises(results.ResultsError, match="neither a jaxrepro study"):
+        results.load(str(tmp_path))
 
 
 def test_rerun_of_a_finished_study_runs_nothing(real_study, data_dir):

@@ -14,6 +14,8 @@ Formats (``read_results`` picks one from the file name, or searches a directory)
   framing, CRCs checked) with the protobufs of the ``tensorboard`` package: no TensorFlow,
   and every scalar point is kept (no reservoir sampling). Both ``simple_value`` scalars and
   the ``scalars`` plugin's tensors are read; images, histograms and text are skipped.
+  A ``SessionLog.START`` at step s (a restarted writer's, e.g. a resumed jaxrepro run's)
+  drops the points read so far at step s and after, as TensorBoard does.
 
 Metric names are mapped onto jaxrepro's as follows. A source name is first looked up as
 written, then *normalised* (lower case; ``/``, ``-``, ``.`` and spaces become ``_``; a
@@ -30,6 +32,11 @@ values. Values are not rescaled: an accuracy logged in percent stays in percent.
 A mapping entry is a ``Target(kind, name, split)``, a tuple of the same, or None to drop
 the metric: ``{"val_acc": ("eval", "accuracy", "target_test"), "gpu_mem": None}``.
 Steps are kept as the writer logged them (Lightning's are 0-based global steps).
+
+jaxrepro's own event files (``jaxrepro.tbevents``) are read back into the rows they came
+from: ``{phase}/train/{metric}`` -> a ``train`` row of that phase,
+``{phase}/eval/{split}/{metric}`` -> an ``eval`` row of that phase and split (a user's
+``mapping`` still comes first).
 """
 
 from __future__ import annotations
@@ -102,6 +109,21 @@ def normalise(name: str) -> str:
     return out[: -len("_step")] if out.endswith("_step") and out != "_step" else out
 
 
+_PHASES = ("pretrain", "finetune")
+
+
+def native(name: str) -> tuple[Target, str] | None:
+    """(target, phase) of a jaxrepro event file's tag (jaxrepro.tbevents), else None."""
+    parts = name.split("/")
+    if len(parts) < 3 or parts[0] not in _PHASES or not all(parts):
+        return None
+    if parts[1] == "train" and len(parts) == 3:
+        return Target("train", parts[2]), parts[0]
+    if parts[1] == "eval" and len(parts) == 4:
+        return Target("eval", parts[3], parts[2]), parts[0]
+    return None
+
+
 def resolve(name: str, mapping: dict | None = None) -> Target | None:
     """The ``Target`` of a source metric name (see the module docstring), None to drop it."""
     norm = normalise(name)
@@ -132,7 +154,12 @@ class _Rows:
         if normalise(name) == "epoch":
             self.epochs[step] = value
             return
-        target = resolve(name, self.mapping)
+        mapped = self.mapping and (name in self.mapping or normalise(name) in self.mapping)
+        own = None if mapped else native(name)
+        if own is not None:
+            target, phase = own
+        else:
+            target = resolve(name, self.mapping)
         if target is None:
             return
         phase = phase if phase is not None else self.phase
@@ -284,7 +311,8 @@ def _scalar(value) -> float | None:
 def read_tensorboard(paths, mapping=None, *, phase=None) -> list[dict]:
     """Reads every scalar point of TensorBoard event files (merged in the given order).
 
-    A (tag, step) logged twice (e.g. by a resumed run) keeps the value written last.
+    A (tag, step) logged twice (e.g. by a resumed run) keeps the value written last; a
+    ``SessionLog.START`` at step s drops every point read before it at step s and after.
     """
     from google.protobuf.message import DecodeError
     from tensorboard.compat.proto import event_pb2
@@ -297,6 +325,8 @@ def read_tensorboard(paths, mapping=None, *, phase=None) -> list[dict]:
                 event.ParseFromString(payload)
             except DecodeError as e:
                 raise ReaderError(f"{path}: record {number} is not an Event: {e}") from None
+            if event.session_log.status == event_pb2.SessionLog.START:  # a restart
+                points = {k: v for k, v in points.items() if k[1] < event.step}
             for value in event.summary.value:
                 scalar = _scalar(value)
                 if scalar is not None:

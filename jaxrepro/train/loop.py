@@ -29,7 +29,8 @@ import numpy as np
 from jaxrepro import config as config_lib
 from jaxrepro import data as data_lib
 from jaxrepro import dropoff as dropoff_lib
-from jaxrepro import hashing, jsonio, machine, parallel, rng
+from jaxrepro import hashing, jsonio, machine, parallel, rng, tbevents
+from jaxrepro import status as status_lib
 from jaxrepro.checkpoints import Checkpoints, protected_steps
 from jaxrepro.data import order as order_lib
 from jaxrepro.errors import CheckpointError, ConfigError, JaxreproError, WorkdirError
@@ -276,6 +277,7 @@ class Runner:
         # Device-count-invariant mode evaluates on one device, every host all rows: the same
         # program on any layout, so eval rows are bitwise invariant too (not only train rows).
         self.eval_one_device = bool(config.determinism.device_invariant)
+        self.events = None  # the TensorBoard writer of a running run (process 0)
 
     # -- setup
     def phase_of(self, step: int) -> state_lib.Phase:
@@ -548,6 +550,7 @@ class Runner:
         if step in self.ckpts.steps():
             return
         self._flush()  # rows up to step-1 reach disk before the checkpoint that implies them
+        self._flush_events()  # ... and the event files, so a resume from here purges only later
         self.ckpts.save(step, state, {"phase": phase_name, "model": self.config.model.name})
         c = self.config.checkpoint
         events = [e["step"] for e in self.detector.events]
@@ -569,12 +572,24 @@ class Runner:
         for row in history:  # the detector is a pure function of the history
             self.detector.update(row)
         self.metrics = metrics
+        self.events = self._open_events(start, how)
+        try:
+            return self._loop(state, state_phase, start, stop_after)
+        finally:
+            if self.events is not None:
+                self.events.close()
+
+    def _loop(self, state, state_phase, start, stop_after) -> dict:
+        metrics = self.metrics
         self.pending = collections.deque()  # (phase, step, epoch, metrics) not yet read
         # Non-finite steps so far (a resumed state's count, then each step as it is read),
         # and under policy 'stop' the step after the first non-finite one.
         self._nonfinite = int(np.asarray(state.nonfinite))
         self._stop_at = None
         status, t_start, last_print, done_steps = "running", time.perf_counter(), 0.0, 0
+        beat_every = self.config.runtime.heartbeat_every_s
+        self._heartbeat(start, None)
+        next_beat = t_start + beat_every
         with SigtermFlag() as sigterm, frozen_gc():  # preemption: checkpoint, exit cleanly
             s, stopping = start, False
             while s < self.end:
@@ -593,6 +608,7 @@ class Runner:
                     state_phase = phase.name
                 if eval_due:
                     self._log_rows(self.evaluate(phase, state, s))
+                    self._flush_events()
                     gc.freeze()  # what the eval (and its first compile) left stays put
                 if save_due:
                     self._save(s, state, state_phase)
@@ -617,12 +633,17 @@ class Runner:
                 elif now - last_print > self.config.runtime.progress_every_s:
                     last_print = now
                     self._progress(phase, s, done_steps - 1, now - t_first)
+                    self._flush_events()
+                if now >= next_beat and done_steps > 1:  # off the hot path: every few s
+                    next_beat = now + beat_every
+                    self._heartbeat(s, (done_steps - 1) / max(now - t_first, 1e-9))
             self._flush()
             if self._stop_at is not None:
                 status, s = "diverged", self._stop_at
             elif s >= self.end:
                 phase = next(p for p in self.phases if p.name == state_phase)
                 self._log_rows(self.evaluate(phase, state, s))
+                self._flush_events()
                 self._save(s, state, state_phase)
                 status = "done"
             elif stopping:
@@ -631,6 +652,47 @@ class Runner:
         self.ckpts.close()
         metrics.close()
         return self._finish(state, status, s, time.perf_counter() - t_start)
+
+    def _open_events(self, start: int, how: str):
+        """Process 0's TensorBoard writer (None when ``runtime.tensorboard`` is off).
+
+        Its file purges the older files' points from ``start`` on; the kept rows (and
+        drop-offs) from there on are written again, or all of them into a run that had
+        no event files yet (see jaxrepro.tbevents).
+        """
+        if not (self.primary and self.config.runtime.tensorboard):
+            return None
+        events = tbevents.EventWriter(self.ws.path, start)
+        # A branch's first session: the original's rows are the original's events.
+        lo = 0 if events.backfill and how != "origin" else start
+        for row in self.metrics.rows:
+            if row["step"] >= lo:
+                events.add_row(row)
+        for event in self.detector.events:
+            if event["step"] >= lo:
+                events.add_dropoff(event)
+        events.flush()
+        return events
+
+    def _flush_events(self):
+        if self.events is not None:
+            self.events.flush()
+
+    def _heartbeat(self, step: int, rate: float | None):
+        """heartbeat.json: who runs this workdir, and how fast (``jaxrepro status``)."""
+        if not self.primary:
+            return
+        self.ws.write_heartbeat(
+            dict(
+                status_lib.process_identity(),
+                time=time.time(),
+                step=int(step),
+                end=int(self.end),
+                phase=self.phase_of(step).name,
+                steps_per_s=rate,
+                every_s=self.config.runtime.heartbeat_every_s,
+            )
+        )
 
     def _agreed_stop(self, requested: bool, step: int) -> bool:
         """Whether to stop for SIGTERM at ``step``: on every host alike.
@@ -661,10 +723,14 @@ class Runner:
     def _log_rows(self, rows):
         for row in rows:
             self.metrics.write(row)
+            if self.events is not None:
+                self.events.add_row(row)
             for event in self.detector.update(row):
                 log.warning("drop-off: %s", event)
                 if self.primary:
                     dropoff_lib.write_dropoffs(self.ws.path, self.detector.events)
+                if self.events is not None:
+                    self.events.add_dropoff(event)
 
     def _flush(self, count: int | None = None):
         """Reads the oldest ``count`` pending steps' metrics (all when None), in order, and
@@ -780,5 +846,7 @@ class Runner:
         self.info.update(fields)
         if self.primary:
             self.ws.update_run(**self.info)
+            beat = self.ws.read_heartbeat() or {}
+            self.ws.write_heartbeat(dict(beat, ended=time.time(), step=int(step), exit=status))
         log.info("%s: %s at step %d in %.1fs", self.ws.path, status, step, wall)
         return self.info
