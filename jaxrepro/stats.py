@@ -162,6 +162,21 @@ def dropoff_rate(events_by_run: dict) -> dict:
     }
 
 
+def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The Wilson score interval of a proportion k/n (95% by default).
+
+    Unlike the normal approximation it stays inside [0, 1] and is usable at the small n
+    of a diagnosis (0/4 gives [0, 0.49], 4/4 gives [0.51, 1]).
+    """
+    if n <= 0 or not 0 <= k <= n:
+        raise ValueError(f"wilson needs 0 <= k <= n and n > 0, got k={k}, n={n}")
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def prob_improvement(a, b) -> float:
     """P(A > B): the fraction of (a, b) pairs with a > b, ties counting 1/2."""
     a, _ = _clean(a, "a")
