@@ -30,6 +30,7 @@ from jaxrepro.checkpoints import Checkpoints
 from jaxrepro.errors import ConfigError, JaxreproError
 from jaxrepro.replay import compare
 from jaxrepro.train import loop
+from jaxrepro.train import setup as setup_lib
 from jaxrepro.workdir import Workdir
 
 
@@ -38,8 +39,8 @@ def shorten(config, steps: int):
     if steps <= 0:
         raise ConfigError(f"--steps must be > 0, got {steps}")
     config = config.copy_and_resolve_references()
-    data = loop.load_data(config)
-    pre = loop.phase_steps(config, "pretrain", len(data.source_train))
+    data = setup_lib.load_data(config)
+    pre = setup_lib.phase_steps(config, "pretrain", len(data.source_train))
     with config.unlocked():
         config.pretrain.epochs = None
         config.finetune.epochs = None

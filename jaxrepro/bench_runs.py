@@ -138,6 +138,28 @@ class _Timer:
 
         setattr(owner, attr, timed)
 
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+
+def _SpanTimer(timer: _Timer):  # noqa: N802 - a class made on demand (loop imports jax)
+    """The loop's timing hooks feeding a ``_Timer``: eval, checkpoint, step compile."""
+    from jaxrepro.train import loop
+
+    names = {"eval": "eval", "checkpoint": "checkpoint", "compile": "step_trace_compile"}
+
+    class SpanTimer(loop.Hooks):
+        @contextlib.contextmanager
+        def span(self, name, step):
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                timer.add(names[name], time.perf_counter() - start)
+
+    return SpanTimer()
+
 
 def _compile_listener(stats: dict):
     import jax
@@ -176,6 +198,7 @@ def startup_child(args_json: str) -> None:
     from jaxrepro import models
     from jaxrepro.__main__ import setup_compile_cache
     from jaxrepro.train import loop
+    from jaxrepro.train import setup as setup_lib
     from jaxrepro.train import state as state_lib
 
     marks["imports"] = time.time()
@@ -191,12 +214,9 @@ def startup_child(args_json: str) -> None:
     else:
         state_lib.init_variables = models.init_variables
     timer.wrap(state_lib, "init_variables", "init")
-    timer.wrap(loop, "load_data", "data")
-    timer.wrap(loop.Runner, "evaluate", "eval")
-    timer.wrap(loop.Runner, "_save", "checkpoint")
-    timer.wrap(loop.Runner, "train_fn", "step_trace_compile")
+    timer.wrap(setup_lib, "load_data", "data")
     config = load_config(a["config"], a["set"], a["data_dir"])
-    loop.run(config, a["workdir"], stop_after=1)
+    loop.run(config, a["workdir"], stop_after=1, hooks=_SpanTimer(timer))
     marks["first_step_done"] = time.time()
     result = {
         "init": a["init"], "marks": marks, "seconds": timer.seconds, "calls": timer.calls,
@@ -211,46 +231,37 @@ def startup_child(args_json: str) -> None:
 
 
 class _StepClock:
-    """Records when each train step is dispatched (wraps Runner.train_fn's result)."""
+    """Records when each train step is dispatched and when each eval runs (loop hooks)."""
 
-    def __init__(self, loop_mod):
+    def __init__(self):
         self.entries: list[float] = []
         self.cpu: list[float] = []  # process CPU time at each dispatch
         self.evals: list[tuple[float, float]] = []
         self.eval_cpu: list[tuple[float, float]] = []
         self.eval_steps: list[int] = []
-        self._loop = loop_mod
 
-    @contextlib.contextmanager
-    def installed(self):
-        runner_cls = self._loop.Runner
-        orig_train_fn, orig_eval = runner_cls.train_fn, runner_cls.evaluate
+    def hooks(self):
+        from jaxrepro.train import loop
+
         clock = self
 
-        def train_fn(runner, phase, state, batch):
-            fn = orig_train_fn(runner, phase, state, batch)
-
-            def stamped(*a):
+        class Clock(loop.Hooks):
+            def dispatch(self, step):
                 clock.entries.append(time.perf_counter())
                 clock.cpu.append(time.process_time())
-                return fn(*a)
 
-            return stamped
+            @contextlib.contextmanager
+            def span(self, name, step):
+                start, start_cpu = time.perf_counter(), time.process_time()
+                try:
+                    yield
+                finally:
+                    if name == "eval":
+                        clock.evals.append((start, time.perf_counter()))
+                        clock.eval_cpu.append((start_cpu, time.process_time()))
+                        clock.eval_steps.append(step)
 
-        def evaluate(runner, phase, state, step):
-            start, start_cpu = time.perf_counter(), time.process_time()
-            try:
-                return orig_eval(runner, phase, state, step)
-            finally:
-                clock.evals.append((start, time.perf_counter()))
-                clock.eval_cpu.append((start_cpu, time.process_time()))
-                clock.eval_steps.append(step)
-
-        runner_cls.train_fn, runner_cls.evaluate = train_fn, evaluate
-        try:
-            yield self
-        finally:
-            runner_cls.train_fn, runner_cls.evaluate = orig_train_fn, orig_eval
+        return Clock()
 
     def synced_rate(self, first_step: int) -> dict | None:
         """Steps/s between evals: from the end of the first eval at or after step
@@ -258,7 +269,7 @@ class _StepClock:
 
         Before an eval the loop has read every earlier step's metrics, so all of them
         have finished: these are points where the host and the computation meet. Dispatch
-        times are not (the loop dispatches up to ``2 * loop._FETCH_BLOCK`` steps ahead).
+        times are not (the loop dispatches up to ``2 * record.FETCH_BLOCK`` steps ahead).
         None when the run has fewer than two evals from ``first_step`` on.
         """
         steps = sorted({st for st in self.eval_steps if st >= first_step})
@@ -297,10 +308,9 @@ class _StepClock:
 def _run_timed(config, workdir: str, warmup: int) -> dict:
     from jaxrepro.train import loop
 
-    clock = _StepClock(loop)
+    clock = _StepClock()
     start = time.perf_counter()
-    with clock.installed():
-        info = loop.run(config, workdir)
+    info = loop.run(config, workdir, hooks=clock.hooks())
     total = time.perf_counter() - start
     out = clock.synced_rate(warmup) or dict(
         clock.rate(warmup, len(clock.entries) - 1), window="dispatches"
@@ -322,20 +332,15 @@ def bare_step_rate(config, workdir: str, steps: int, warmup: int) -> dict:
     """The run's own compiled train step, back to back on one device-resident batch."""
     import jax
 
-    from jaxrepro.train import loop
-    from jaxrepro.workdir import Workdir
+    from jaxrepro.train.programs import Programs
+    from jaxrepro.train.setup import RunSetup
 
-    runner = loop.Runner(config, Workdir(workdir), resuming=False, checkpoints=False)
-    phase = runner.phases[0]
-    state = runner.init_state()
-    # The loop's own placement where it has one (a data-parallel mesh), else device_put.
-    if hasattr(runner, "device_batch"):
-        state = runner.par.replicate(state)
-        batch, _ = runner.device_batch(phase, 0)
-        keys = runner.mesh_keys(phase)
-    else:
-        batch, keys = jax.device_put(runner.batch(phase, 0)), runner.keys(phase)
-    fn = runner.train_fn(phase, state, batch)
+    setup = RunSetup(config)
+    phase = setup.phases[0]
+    state = setup.par.replicate(setup.init_state())  # the loop's own placement
+    batch, _ = setup.device_batch(phase, 0)
+    keys = setup.mesh_keys(phase)
+    fn = Programs(setup).train_fn(phase, state, batch)
     for _ in range(warmup):
         state, metrics = fn(state, batch, *keys)
     jax.block_until_ready(metrics)
@@ -388,15 +393,11 @@ def _e2e_config(opts: dict, checkpoint_every: int | None = None):
 
 def _replay_timed(replay_mod, run_dir: str, original: dict, opts: dict) -> dict:
     """replay.replay of the steps after a checkpoint vs the original's time for them."""
-    from jaxrepro.train import loop
-
     ckpts = [s for s in original["checkpoints"] if s < opts["steps"]]
     start_step = opts["replay_from"] or max(ckpts)
     k = opts["steps"] - start_step
-    clock = _StepClock(loop)
     t0 = time.perf_counter()
-    with clock.installed():
-        summary = replay_mod.replay(run_dir, from_step=start_step, steps=k)
+    summary = replay_mod.replay(run_dir, from_step=start_step, steps=k)
     total = time.perf_counter() - t0
     # The original's time for the same k steps: from the end of its eval at start_step to
     # the start of its final eval (every step done at both); without an eval at
@@ -487,17 +488,14 @@ def bench_checkpoint(opts: dict) -> dict:
     from jaxrepro import hashing
     from jaxrepro.bench import machine_info
     from jaxrepro.checkpoints import Checkpoints
-    from jaxrepro.train import loop
-    from jaxrepro.workdir import Workdir
+    from jaxrepro.train.setup import RunSetup
 
     if opts["rounds"] < 1:
         raise ValueError(f"bench option rounds must be >= 1, got {opts['rounds']}")
     config = load_config(opts["config"], opts["set"], opts["data_dir"])
     rounds = {layout: [] for layout in CHECKPOINT_LAYOUTS}
     with tempfile.TemporaryDirectory(prefix="jaxrepro-ckpt-") as tmp:
-        state = loop.Runner(
-            config, Workdir(os.path.join(tmp, "w")), resuming=False, checkpoints=False
-        ).init_state()
+        state = RunSetup(config).init_state()
         state = jax.block_until_ready(state)
         want = hashing.leaf_hashes(state)
         for r in range(opts["rounds"]):

@@ -56,11 +56,11 @@ def _setup(c, a):
     import numpy as np
 
     from jaxrepro import rng
-    from jaxrepro.train import loop
+    from jaxrepro.train import setup as setup_lib
     from jaxrepro.train import state as state_lib
     from jaxrepro.train.step import make_train_step
 
-    conv_impl = loop.resolve_conv_impl(c)
+    conv_impl = setup_lib.resolve_conv_impl(c)
     phase = state_lib.make_phase(c, "pretrain", 0, a.warmup + a.steps, 1000, conv_impl)
     params, stats = state_lib.init_variables(phase.module, rng.factor_root("init", 0), a.size)
     par = parallel.DataParallel(1)

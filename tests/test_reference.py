@@ -22,6 +22,7 @@ torch = pytest.importorskip("torch")
 from jaxrepro.compare import reference, report, torch_port  # noqa: E402
 from jaxrepro.errors import ConfigError, JaxreproError, WorkdirError  # noqa: E402
 from jaxrepro.train import loop  # noqa: E402
+from jaxrepro.train.setup import RunSetup  # noqa: E402
 from jaxrepro.workdir import Workdir  # noqa: E402
 
 CLIP = 3.5  # grad norms here are 3.0-4.1: clipping fires on some steps, not all
@@ -239,14 +240,13 @@ def test_main_from_flags_and_refusals(pair, data_dir, tmp_path, capsys):
         reference.run(_config(data_dir, **{"model.dtype": "bfloat16"}), str(tmp_path / "bf16"))
 
 
-def test_runner_without_checkpoints_cannot_run_or_resume(pair, tmp_path):
-    path = str(tmp_path / "w")
-    with pytest.raises(ValueError, match="cannot resume"):
-        loop.Runner(pair.config, Workdir(path), resuming=True, checkpoints=False)
-    runner = loop.Runner(pair.config, Workdir(path), resuming=False, checkpoints=False)
-    assert runner.ckpts is None and not os.path.exists(path)  # nothing written
-    with pytest.raises(RuntimeError, match="checkpoints=False"):
-        runner.run(None)
+def test_run_setup_writes_nothing(pair, tmp_path, monkeypatch):
+    """What the reference trainer borrows from the engine creates no file anywhere."""
+    monkeypatch.chdir(tmp_path)
+    setup = RunSetup(pair.config)
+    state = setup.init_state()
+    assert setup.batch(setup.phases[0], 0)["image"].shape[0] == setup.phases[0].batch_size
+    assert state.params and os.listdir(tmp_path) == []
 
 
 class _HaltingTrainer:
@@ -270,9 +270,9 @@ class _HaltingTrainer:
 
 def test_reference_stops_where_the_engine_does(data_dir, tmp_path):
     """Under 'stop' the record ends at the first non-finite step (its row written even
-    off the log_every grid), status 'diverged' at the next step, as loop.Runner does."""
+    off the log_every grid), status 'diverged' at the next step, as the engine does."""
     config = tiny_digits(data_dir, **{"pretrain.log_every": 2, "train.nonfinite_policy": "stop"})
-    runner = loop.Runner(config, Workdir(str(tmp_path / "w")), resuming=False, checkpoints=False)
+    runner = RunSetup(config)
     trainer = _HaltingTrainer(config, bad=5)  # an odd step: not on the log_every grid
     metrics = reference.MetricsWriter(str(tmp_path / "metrics.jsonl"), None)
     status, step = reference._loop(trainer, runner, metrics)

@@ -16,6 +16,8 @@ from jaxrepro.checkpoints import Checkpoints
 from jaxrepro.data import augment as augment_lib
 from jaxrepro.errors import CheckpointError, ConfigError, WorkdirError
 from jaxrepro.train import loop
+from jaxrepro.train import record as record_lib
+from jaxrepro.train.setup import RunSetup
 from jaxrepro.workdir import Workdir
 
 
@@ -107,7 +109,7 @@ def _poison(monkeypatch, example_id):
 
 
 def _first_id(config, path, step):
-    runner = loop.Runner(config, Workdir(path), resuming=False)
+    runner = RunSetup(config)
     phase = runner.phase_of(step)
     return int(runner.batch(phase, step)["id"][0])
 
@@ -115,7 +117,7 @@ def _first_id(config, path, step):
 @pytest.mark.parametrize("fetch_block", [1, 8])  # 8: read at the evals and saves only
 @pytest.mark.parametrize("policy", ["skip", "stop"])
 def test_nonfinite_policies(policy, fetch_block, data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(loop, "_FETCH_BLOCK", fetch_block)
+    monkeypatch.setattr(record_lib, "FETCH_BLOCK", fetch_block)
     k = 6
     # One case logs every 4th step only: a stop's row (step 6) is written all the same.
     log_every = 4 if (policy, fetch_block) == ("stop", 1) else 1

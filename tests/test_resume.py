@@ -17,6 +17,7 @@ from jaxrepro import jsonio
 from jaxrepro.checkpoints import Checkpoints
 from jaxrepro.errors import CheckpointError
 from jaxrepro.train import loop
+from jaxrepro.train.setup import RunSetup
 from jaxrepro.workdir import Workdir
 
 
@@ -149,18 +150,14 @@ def test_flipped_byte_is_refused_naming_the_array(data_dir, tmp_path):
     data = bytearray(open(target, "rb").read())
     data[len(data) // 2] ^= 0xFF
     open(target, "wb").write(bytes(data))
-    runner = loop.Runner(
-        tiny_digits(data_dir, **{"finetune.steps": 0, "pretrain.steps": 4}),
-        Workdir(path),
-        resuming=True,
-    )
+    runner = RunSetup(tiny_digits(data_dir, **{"finetune.steps": 0, "pretrain.steps": 4}))
     with pytest.raises(CheckpointError, match=r"corrupt: array\(s\) \S+"):
-        runner._restore(Checkpoints(ckpt_dir, read_only=True), 4)
+        runner.restore(Checkpoints(ckpt_dir, read_only=True), 4)
     # a truncated file is refused by its size, before any checksum
     with open(target, "r+b") as f:
         f.truncate(len(data) - 4096)
     with pytest.raises(CheckpointError, match=r"float32.bin is corrupt: \d+ bytes, expected"):
-        runner._restore(Checkpoints(ckpt_dir, read_only=True), 4)
+        runner.restore(Checkpoints(ckpt_dir, read_only=True), 4)
     assert os.path.getsize(target) == len(data) - 4096  # nothing on disk was touched
 
 
@@ -169,9 +166,9 @@ def test_checkpoint_of_another_architecture_is_refused(data_dir, tmp_path):
     cfg = tiny_digits(data_dir, **{"finetune.steps": 0, "pretrain.steps": 4})
     loop.run(cfg, path)
     wider = tiny_digits(data_dir, **{"finetune.steps": 0, "pretrain.steps": 4, "model.width": 16})
-    runner = loop.Runner(wider, Workdir(path), resuming=True)
+    runner = RunSetup(wider)
     with pytest.raises(CheckpointError, match="does not fit this model"):
-        runner._restore(Checkpoints(os.path.join(path, "checkpoints"), read_only=True), 4)
+        runner.restore(Checkpoints(os.path.join(path, "checkpoints"), read_only=True), 4)
 
 
 def test_half_written_save_is_never_restored(data_dir, tmp_path):

@@ -12,6 +12,9 @@ from helpers import rows_equal, tiny_digits
 from jaxrepro import hashing, jsonio
 from jaxrepro.data import augment as augment_lib
 from jaxrepro.train import loop
+from jaxrepro.train import record as record_lib
+from jaxrepro.train.evaluation import Evaluator
+from jaxrepro.train.setup import RunSetup
 from jaxrepro.workdir import Workdir
 
 
@@ -60,16 +63,18 @@ def test_same_config_twice_is_bitwise_identical(base_run, data_dir, tmp_path, mo
 
     _, info, rows = base_run
     frozen = []  # the step loop keeps what exists out of full collections (loop.frozen_gc)
-    evaluate = loop.Runner.evaluate
+    evaluate = Evaluator.evaluate
     monkeypatch.setattr(
-        loop.Runner, "evaluate", lambda *a: (frozen.append(gc.get_freeze_count()), evaluate(*a))[1]
+        Evaluator, "evaluate", lambda *a: (frozen.append(gc.get_freeze_count()), evaluate(*a))[1]
     )
     # The second run reads its steps' metrics one at a time once two are in flight (the
     # tiny run never has 2 x 8 in flight): rows and hashes do not depend on the block.
-    monkeypatch.setattr(loop, "_FETCH_BLOCK", 1)
+    monkeypatch.setattr(record_lib, "FETCH_BLOCK", 1)
     blocks = []
-    flush = loop.Runner._flush
-    monkeypatch.setattr(loop.Runner, "_flush", lambda r, n=None: (blocks.append(n), flush(r, n)))
+    flush = record_lib.Record.flush
+    monkeypatch.setattr(
+        record_lib.Record, "flush", lambda r, n=None: (blocks.append(n), flush(r, n))
+    )
     info2, rows2 = _run(tiny_digits(data_dir), tmp_path / "again")
     assert 1 in blocks  # the in-loop read of the oldest step was taken
     assert rows_equal(rows, rows2)
@@ -88,9 +93,7 @@ def test_frozen_gc_unfreezes_on_error():
 
 
 def _runner(config, path):
-    ws = Workdir(str(path))
-    ws.claim({})
-    return loop.Runner(config, ws, resuming=False)
+    return RunSetup(config)
 
 
 def _fed(runner, phase_name, step):

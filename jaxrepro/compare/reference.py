@@ -39,9 +39,12 @@ from jaxrepro import hashing, rng
 from jaxrepro.compare import torch_port, torch_resnet
 from jaxrepro.data import augment as augment_lib
 from jaxrepro.errors import ConfigError, JaxreproError, WorkdirError
-from jaxrepro.train import loop, runinfo
+from jaxrepro.train import runinfo
 from jaxrepro.train import state as state_lib
+from jaxrepro.train.evaluation import eval_row
 from jaxrepro.train.optimizer import HEAD
+from jaxrepro.train.record import train_row
+from jaxrepro.train.setup import RunSetup
 from jaxrepro.train.step import normalize
 from jaxrepro.workdir import MetricsWriter, Workdir
 
@@ -144,7 +147,7 @@ def global_norm(tensors) -> float:
 class TorchTrainer:
     """The torch side of one run: model, optimizer, and the engine it mirrors."""
 
-    def __init__(self, config, runner: loop.Runner):
+    def __init__(self, config, runner: RunSetup):
         self.config = config
         self.runner = runner
         self.train_inputs, self.eval_inputs = make_input_fns(config)
@@ -232,7 +235,7 @@ class TorchTrainer:
                 y = torch.from_numpy(np.asarray(labels, np.int64))
                 loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
                 correct += float((logits.argmax(-1) == y).float().sum())
-            rows.append(loop.eval_row(phase, step, split, loss_sum, correct, n))
+            rows.append(eval_row(phase, step, split, loss_sum, correct, n))
         return rows
 
     def flax_variables(self) -> dict:
@@ -285,7 +288,7 @@ def _loop(trainer: TorchTrainer, runner, metrics: MetricsWriter) -> tuple[str, i
         m = trainer.step(phase, batch, s)
         halts = stop and not m["finite"] and halted_at is None
         if _logged(phase, s) or halts:  # the engine writes a stop's row whatever log_every
-            _write(metrics, [loop.train_row(phase, s, batch["epoch"][0], m)])
+            _write(metrics, [train_row(phase, s, batch["epoch"][0], m)])
         if halts:
             halted_at, trainer.halted = s, True
         s += 1
@@ -355,8 +358,8 @@ def run(config, workdir: str) -> dict:
     threads = runinfo.cpu_threads()
     t0 = time.perf_counter()
     with torch_determinism(threads):
-        # The engine's runner, for its data, phases, keys and initial state (no training).
-        runner = loop.Runner(config, ws, resuming=False, checkpoints=False)
+        # The engine's run setup: its data, phases, keys and initial state.
+        runner = RunSetup(config)
         trainer = TorchTrainer(config, runner)
         info = ws.update_run(**_run_info(config, runner, trainer, threads))
         metrics = MetricsWriter(ws.metrics_path, None)

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
 from jaxrepro import config as config_lib
 from jaxrepro import dropoff as dropoff_lib
@@ -44,21 +42,18 @@ def _load(out: str, run: Run, k_last: int) -> dict:
 
 def _batch_ids(record: dict, phase: str, step: int, cache: dict) -> list[int]:
     """Example ids of the batch that train step ``step`` of ``phase`` read in this run."""
-    from jaxrepro.train import loop
-    from jaxrepro.workdir import Workdir
+    from jaxrepro.train.setup import RunSetup
 
     config = jsonio.read_json(os.path.join(record["workdir"], "config.json"))
     # The order depends on the data seed and the config, not on the other seeds: runs that
-    # share those share one Runner.
+    # share those share one run setup.
     rest = {k: v for k, v in config.items() if k not in ("seed", "seeds")}
     key = (record["seeds"]["data"], jsonio.dumps(rest, sort_keys=True))
     if key not in cache:
-        scratch = tempfile.mkdtemp(prefix="jaxrepro-ids-")  # the Runner's checkpoint dir: unused
-        runner = loop.Runner(config_lib.from_dict(config), Workdir(scratch), resuming=False)
-        cache[key] = (runner, scratch)
-    runner = cache[key][0]
-    p = next(p for p in runner.phases if p.name == phase)
-    return [int(i) for i in runner.batch(p, step)["id"]]
+        cache[key] = RunSetup(config_lib.from_dict(config))
+    setup = cache[key]
+    ids, _ = setup.batch_ids(setup.phase_named(phase), step)
+    return [int(i) for i in ids]
 
 
 def _fill_example_ids(groups: list[dict], records: list[dict], cache: dict) -> None:
@@ -229,21 +224,16 @@ def analyze(
     records = [_load(out, r, k_last) for r in runs if run_status(out, r) in FINISHED]
     missing = [r.name for r in runs if run_status(out, r) not in FINISHED]
     points = {}
-    cache = {}
-    try:
-        for point in dict.fromkeys(r.point for r in runs):
-            mine = [r for r in records if r["point"] == point]
-            if not mine:
-                continue
-            entry = report_lib.point_statistics(mine, spec.factors, n_boot=n_boot)
-            groups, note = attribute(mine, spec.factors, window)
-            _fill_example_ids(groups, mine, cache)
-            entry.update(attribution=groups, attribution_note=note)
-            points[point] = entry
-    finally:
-        for runner, scratch in cache.values():
-            runner.ckpts.close()
-            shutil.rmtree(scratch, ignore_errors=True)
+    cache = {}  # one run setup per data seed and config: batches' example ids
+    for point in dict.fromkeys(r.point for r in runs):
+        mine = [r for r in records if r["point"] == point]
+        if not mine:
+            continue
+        entry = report_lib.point_statistics(mine, spec.factors, n_boot=n_boot)
+        groups, note = attribute(mine, spec.factors, window)
+        _fill_example_ids(groups, mine, cache)
+        entry.update(attribution=groups, attribution_note=note)
+        points[point] = entry
     by_point = {p: [r for r in records if r["point"] == p] for p in points}
     summary = {
         "study": dict(spec.to_dict(), n_runs=len(runs), window=window, k_last=k_last),

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import os
 import platform
 import subprocess
+import time
 
 import jax
 
-from jaxrepro import __version__, machine, procenv, rng
+from jaxrepro import __version__, hashing, machine, parallel, procenv, rng
+
+log = logging.getLogger("jaxrepro")
 
 _LIBS = (
     "jax",
@@ -96,3 +100,73 @@ def _version(lib: str) -> str | None:
         return importlib.metadata.version(lib)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def start_record(previous: dict, setup, state, start: int, how: str) -> dict:
+    """run.json at the start of a session: what the run is and what its bits depend on.
+
+    ``previous``: run.json as the interrupted session left it (resume), else {}. The
+    platform is checked for portable mode, and a resume on another platform fingerprint
+    is recorded (and warned about): the rows after it are not those of an uninterrupted
+    run.
+    """
+    config, origin = setup.config, setup.origin
+    info = dict(previous)
+    platform = platform_info(portable=config.determinism.portable)
+    machine.check_portable(
+        platform["portable"], platform["backend"], platform["cpu"], platform["xla_flags"]
+    )
+    if origin is not None:
+        info.setdefault(
+            "replay",
+            dict(
+                origin.info,
+                from_step=origin.step,
+                until=setup.end,
+                skip_batches=origin.skip_batches,
+            ),
+        )
+    elif how == "init":  # the state just built: no second init (and compile) to hash
+        info["init_param_hash"] = hashing.tree_hash(state.params)
+    info.update(
+        status="running",
+        seeds=setup.seeds,
+        platform=platform,
+        libraries=library_versions(),
+        code=code_version(),
+        conv_impl=setup.conv_impl,
+        phases={
+            p.name: {
+                "start": p.start,
+                "steps": p.steps,
+                "batch_size": p.batch_size,
+                "num_classes": p.num_classes,
+            }
+            for p in setup.phases
+        },
+        total_steps=setup.total,
+    )
+    info.setdefault("resumes", [])
+    if how == "resume":
+        info["resumes"].append(_resume_record(previous.get("platform"), platform, start))
+    info["mesh"] = setup.par.describe()
+    info["determinism"] = parallel.determinism_record(config.determinism)
+    return info
+
+
+def _resume_record(before: dict | None, platform: dict, start: int) -> dict:
+    resume = {"from_step": start, "time": time.time()}
+    diffs = (
+        machine.differences(machine.fingerprint(before), platform["fingerprint"])
+        if before
+        else ["the interrupted run recorded no platform"]
+    )
+    if diffs:  # the run goes on, but is no longer a function of one platform
+        resume["platform_differences"] = diffs
+        log.warning(
+            "resumed on another platform, so the rows from step %d on are not bitwise "
+            "those of an uninterrupted run: %s",
+            start,
+            "; ".join(diffs),
+        )
+    return resume

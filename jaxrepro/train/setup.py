@@ -1,0 +1,233 @@
+"""What a run is before it runs: data, phases, keys, batches, initial state, restore target.
+
+``RunSetup(config, origin)`` is built without a checkpoint manager and writes nothing: the
+training loop runs it, and the PyTorch reference trainer, study analysis (which example
+ids made a batch), replay, diagnosis and the benchmarks use it to get the very same data,
+phases, keys, batches and states.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import numpy as np
+
+from jaxrepro import data as data_lib
+from jaxrepro import parallel, rng
+from jaxrepro.data import order as order_lib
+from jaxrepro.errors import ConfigError
+from jaxrepro.train import state as state_lib
+
+log = logging.getLogger("jaxrepro")
+
+
+@dataclasses.dataclass
+class Data:
+    """The four splits a run reads."""
+
+    source_train: object
+    source_eval: object
+    target_train: object
+    target_eval: object
+
+    def train(self, phase: str):
+        return self.source_train if phase == "pretrain" else self.target_train
+
+
+def load_data(config) -> Data:
+    d = config.data
+    kw = dict(data_dir=d.data_dir, image_size=d.image_size)
+    return Data(
+        source_train=data_lib.load(d.source.name, d.source.train_split, **kw),
+        source_eval=data_lib.load(d.source.name, d.source.eval_split, **kw),
+        target_train=data_lib.load(d.target.name, d.target.train_split, **kw),
+        target_eval=data_lib.load(d.target.name, d.target.eval_split, **kw),
+    )
+
+
+def resolve_conv_impl(config) -> str:
+    impl = config.model.conv_impl
+    if impl == "auto":
+        return "matmul" if jax.default_backend() == "cpu" else "lax"
+    return impl
+
+
+def phase_steps(config, name: str, num_examples: int) -> int:
+    p = config[name]
+    if p.steps is not None:
+        return int(p.steps)
+    epochs = int(p.epochs or 0)
+    if epochs == 0:
+        return 0
+    if p.batch_size > num_examples and config.data.remainder == "drop":
+        raise ConfigError(
+            f"config field {name}.batch_size: {p.batch_size} is larger than the "
+            f"{num_examples} training examples (remainder 'drop' leaves no batch)"
+        )
+    return order_lib.num_steps(num_examples, p.batch_size, epochs, config.data.remainder)
+
+
+def make_phases(config, data: Data, conv_impl: str) -> list[state_lib.Phase]:
+    phases, start = [], 0
+    for name in rng.PHASES:
+        src = data.train(name)
+        steps = phase_steps(config, name, len(src))
+        devices = config.parallel.num_devices or jax.device_count()  # the mesh's size
+        if config[name].batch_size % devices:
+            raise ConfigError(
+                f"config field {name}.batch_size: {config[name].batch_size} is not divisible "
+                f"by the {devices} devices"
+            )
+        phases.append(state_lib.make_phase(config, name, start, steps, src.num_classes, conv_impl))
+        start += steps
+    return phases
+
+
+@dataclasses.dataclass(frozen=True)
+class Origin:
+    """Where a branch run (a replay) starts: another run's checkpoint.
+
+    The branch restores ``step`` from ``checkpoint_dir`` (read only), trains to ``until``
+    (None: the end), and from ``step`` on reads the batches ``skip_batches`` further along
+    the data order. ``info`` is recorded in config.json (so a different origin in the same
+    directory is refused) and run.json.
+    """
+
+    checkpoint_dir: str
+    step: int
+    until: int | None = None
+    skip_batches: int = 0
+    info: dict = dataclasses.field(default_factory=dict)
+    history: tuple = ()  # the original's metric rows before ``step`` (detector context)
+
+
+class RunSetup:
+    """One run's data, phases, keys and batches, and how to make or restore its state."""
+
+    def __init__(self, config, origin: Origin | None = None):
+        self.config = config
+        self.origin = origin
+        self.seeds = rng.resolve_seeds(config)
+        self.roots = rng.roots(self.seeds)
+        self._data_key = order_lib.host_key(self.roots["data"])
+        self.conv_impl = resolve_conv_impl(config)
+        self.par = parallel.DataParallel(config.parallel.num_devices)
+        self.data = load_data(config)
+        self.phases = make_phases(config, self.data, self.conv_impl)
+        self.total = self.phases[-1].end
+        self.end = self.total
+        if origin is not None and origin.until is not None:
+            self.end = min(origin.until, self.total)
+        self._mesh_keys = {}
+
+    # -- phases
+    def phase_of(self, step: int) -> state_lib.Phase:
+        for p in self.phases:
+            if step < p.end:
+                return p
+        return self.phases[-1]
+
+    def phase_named(self, name: str) -> state_lib.Phase:
+        return next(p for p in self.phases if p.name == name)
+
+    def first_phase(self) -> state_lib.Phase:
+        return next(p for p in self.phases if p.steps > 0)
+
+    # -- states
+    def init_state(self):
+        """The state at step 0, from the ``init`` seed (and ``init_from``, if set)."""
+        p0 = self.phases[0]
+        params, batch_stats = state_lib.init_variables(
+            p0.module, self.roots["init"], self.config.data.image_size
+        )
+        params, batch_stats = state_lib.load_pretrained(self.config, params, batch_stats)
+        state = state_lib.initial_state(p0, params, batch_stats)
+        if self.first_phase().name == "finetune":
+            state = state_lib.to_finetune(self.config, self.seeds, state, self.phases[1])
+        return state
+
+    def to_finetune(self, state, phase):
+        """The pretrain -> fine-tune transition (new head, fresh optimizer), replicated."""
+        return self.par.replicate(state_lib.to_finetune(self.config, self.seeds, state, phase))
+
+    def restore(self, ckpts, step: int):
+        """(state, its phase name) of checkpoint ``step`` of ``ckpts``, on the mesh."""
+        phase = self.phase_of(step)
+        if step == self.total:
+            phase = self.phases[-1]
+        target = jax.eval_shape(self.init_state)
+        if phase.name == "finetune" and self.first_phase().name == "pretrain":
+            target = jax.eval_shape(
+                lambda s: state_lib.to_finetune(self.config, self.seeds, s, phase), target
+            )
+        target = self.par.replicate(target)  # restore straight into replicated arrays
+        state, meta = ckpts.restore(step, target, expect={"model": self.config.model.name})
+        log.info("restored checkpoint %d (%s) from %s", step, meta.get("phase"), ckpts.directory)
+        return state, meta["phase"]
+
+    # -- keys
+    def keys(self, phase):
+        """(augmentation root, dropout root) of ``phase``, as the train step takes them."""
+        return (
+            rng.phase_root(self.roots["aug"], phase.name),
+            rng.phase_root(self.roots["dropout"], phase.name),
+        )
+
+    def mesh_keys(self, phase):
+        """``keys(phase)`` replicated on the mesh, as the compiled step takes them."""
+        if phase.name not in self._mesh_keys:
+            self._mesh_keys[phase.name] = self.par.replicate(self.keys(phase))
+        return self._mesh_keys[phase.name]
+
+    # -- batches
+    def batch_ids(self, phase, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(example ids, their epochs) of the global batch of ``step``."""
+        position = step - phase.start
+        if self.origin is not None and step >= self.origin.step:
+            position += self.origin.skip_batches
+        return order_lib.batch_ids(
+            self._data_key,
+            phase.name,
+            position,
+            phase.batch_size,
+            len(self.data.train(phase.name)),
+            self.config.data.remainder,
+        )
+
+    def batch(self, phase, step: int) -> dict:
+        """The global batch of ``step`` as host arrays (every host's rows)."""
+        return self.read(phase, *self.batch_ids(phase, step))
+
+    def device_batch(self, phase, step: int) -> tuple[dict, int]:
+        """(the global batch sharded over the mesh, the epoch of its first example).
+
+        This host reads only its own rows of the global batch (``parallel.host_slice``).
+        """
+        return self.device_batch_of(phase, *self.batch_ids(phase, step))
+
+    def device_batch_of(self, phase, ids, epochs) -> tuple[dict, int]:
+        """Like ``device_batch``, for given global example ids and epochs."""
+        local = self.read(phase, self.par.host_slice(ids), self.par.host_slice(epochs))
+        return self.par.shard_batch(local, phase.batch_size), int(epochs[0])
+
+    def read(self, phase, ids, epochs) -> dict:
+        images, labels = self.data.train(phase.name).get(ids)
+        return {
+            "image": images,
+            "label": np.asarray(labels, np.int32),
+            "id": np.asarray(ids, np.int32),
+            "epoch": np.asarray(epochs, np.int32),
+        }
+
+    def eval_sets(self, phase) -> list[tuple[str, object]]:
+        """Source test always with the pretrain head; both when the label sets agree."""
+        sets = []
+        for split, src in (
+            ("source_test", self.data.source_eval),
+            ("target_test", self.data.target_eval),
+        ):
+            if src.num_classes == phase.num_classes:
+                sets.append((split, src))
+        return sets
