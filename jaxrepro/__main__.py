@@ -173,6 +173,8 @@ def _print_setup(s: dict) -> None:
         print(f"re-executed under the run's recorded process setup (here: {differed})")
     for d in setup.get("differences", []):
         print(f"warning: not the recorded process setup: {d}")
+    for why in setup.get("not_recreated", []):
+        print(f"warning: {why}")
     if dev["replay"] != dev["recorded"]:
         print(f"on {dev['replay']} device(s) (the run used {dev['recorded']})")
     for note in s.get("notes", []):
