@@ -6,6 +6,7 @@ r"""The command line: ``jaxrepro COMMAND --flags`` (also ``python -m jaxrepro``)
     jaxrepro replay   --workdir=RUN (--dropoff=I | --from_step=S) [--override k=v ...]
                       [--skip_batches=N] [--steps=N] [--name=NAME] [--devices=N]
     jaxrepro audit    --config=... --steps=N [--out=DIR] [--devices=8 | --devices=2,8]
+                      (twice straight, once SIGKILLed half way and resumed: bitwise?)
     jaxrepro study    --config=... --vary=aug --seeds=0-7 --out=DIR [--grid=k=v1,v2]
                       [--parallel=N] [--keep_checkpoints=all|dropoffs]
     jaxrepro port     --arch=resnet50 --torch=FILE --out=DIR
@@ -164,9 +165,14 @@ def cmd_replay(argv):
         print("platform differs from the run's: " + "; ".join(s["platform_check"]["differences"]))
     print(f"{s['kind']} replay from step {s['from_step']} to {s['until']} -> {s['replay_dir']}")
     if s["kind"] == "exact":
-        first = s["first_difference"]
-        verdict = "bit for bit" if s["bitwise_equal"] else f"differs first at {first}"
-        print(f"{s['compared_rows']} rows compared: {verdict}")
+        from jaxrepro import trajectory
+
+        first = trajectory.describe(s["first_difference"])
+        verdict = "bit for bit" if s["bitwise_equal"] else f"NOT bitwise, first: {first}"
+        print(
+            f"{s['compared_rows']} rows compared, {len(s['missing_rows'])} missing in the "
+            f"replay, {len(s['extra_rows'])} extra: {verdict}"
+        )
     if "event_recurs" in s:
         print(f"the drop-off {'recurs' if s['event_recurs'] else 'does not recur'} in the replay")
     print(f"summary: {s['replay_dir']}/replay_summary.json  figure: {s['figure']}")
@@ -180,6 +186,8 @@ def _print_setup(s: dict) -> None:
         print(f"re-executed under the run's recorded process setup (here: {differed})")
     for d in setup.get("differences", []):
         print(f"warning: not the recorded process setup: {d}")
+    for why in setup.get("not_recreated", []):
+        print(f"warning: {why}")
     if dev["replay"] != dev["recorded"]:
         print(f"on {dev['replay']} device(s) (the run used {dev['recorded']})")
     for note in s.get("notes", []):
@@ -188,19 +196,23 @@ def _print_setup(s: dict) -> None:
 
 @command
 def cmd_audit(argv):
-    from jaxrepro import audit
+    from jaxrepro import audit, trajectory
 
     steps = FLAGS.steps if FLAGS.steps is not None else 8
     r = audit.audit(_config(), steps, FLAGS.out, devices=_device_counts())
-    for name in ("repeat", "kill_and_resume"):
+    sides = {
+        "repeat": ("first run", "second run"),
+        "kill_and_resume": ("straight run", "resumed run"),
+    }
+    for name, names in sides.items():
         v = r[name]
-        ok = v["metrics_bitwise_equal"] and v["state_bitwise_equal"]
-        detail = (
-            ""
-            if ok
-            else f" first difference {v['first_difference']}, leaves {v['differing_leaves'][:5]}"
-        )
-        print(f"{name}: {'bitwise identical' if ok else 'DIFFERS'}{detail}")
+        line = "bitwise identical" if v["ok"] else "DIFFERS"
+        if name == "kill_and_resume":
+            line = audit.describe_kill(v)
+        if v.get("killed", True) and not (v["metrics_bitwise_equal"] and v["state_bitwise_equal"]):
+            first = trajectory.describe(v["first_difference"], names)
+            line += f"; first difference: {first}, leaves {v['differing_leaves'][:5]}"
+        print(f"{name}: {line}")
     if "devices" in r:
         _print_devices(r["devices"])
     return 0 if r["ok"] else 1

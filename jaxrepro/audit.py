@@ -1,7 +1,11 @@
-"""Audit a config's determinism: N steps twice, and once killed half way and resumed.
+"""Audit a config's determinism: N steps twice, and once SIGKILLed half way and resumed.
 
 Reports bitwise agreement of every metric row and every array of the final state, and
-where they differ, the first differing step and the differing leaves.
+where they differ, the first differing row and the differing leaves. The killed run is a
+training process of its own (``python -m jaxrepro.audit CONFIG_JSON WORKDIR``, under this
+process's setup: the same XLA flags and CPU threads, checked in its run.json), killed with
+SIGKILL once it has written a checkpoint half way or later, then resumed to the end in its
+workdir; the report says after which checkpoint it was killed.
 
 With ``devices=D`` it also runs the config on D devices (twice) and on 1 device, each in a
 process of its own (on CPU: ``--xla_force_host_platform_device_count``), and reports whether
@@ -25,10 +29,9 @@ import jax
 import numpy as np
 
 from jaxrepro import config as config_lib
-from jaxrepro import jsonio
+from jaxrepro import jsonio, machine, sigkill, trajectory
 from jaxrepro.checkpoints import Checkpoints
 from jaxrepro.errors import ConfigError, JaxreproError
-from jaxrepro.replay import compare
 from jaxrepro.train import loop
 from jaxrepro.train import setup as setup_lib
 from jaxrepro.workdir import Workdir
@@ -59,44 +62,51 @@ def _final_manifest(path: str) -> dict:
 
 
 def _versus(a: str, b: str) -> dict:
-    rows = compare(Workdir(a).metrics(), Workdir(b).metrics(), start=0)
+    rows = trajectory.compare(Workdir(a).metrics(), Workdir(b).metrics(), start=0)
     ma, mb = _final_manifest(a), _final_manifest(b)
     leaves = sorted(k for k in set(ma) | set(mb) if ma.get(k) != mb.get(k))
     ia, ib = Workdir(a).read_run(), Workdir(b).read_run()
-    return {
+    out = {
         "metrics_bitwise_equal": rows["bitwise_equal"],
         "first_difference": rows["first_difference"],
+        "missing_rows": rows["missing_rows"],
+        "extra_rows": rows["extra_rows"],
         "state_bitwise_equal": not leaves and ia["final_state_hash"] == ib["final_state_hash"],
         "differing_leaves": leaves[:20],
         "differing_leaf_count": len(leaves),
     }
+    out["ok"] = out["metrics_bitwise_equal"] and out["state_bitwise_equal"]
+    return out
 
 
-def audit(config, steps: int, out: str | None = None, devices: int | None = None) -> dict:
+def audit(
+    config, steps: int, out: str | None = None, devices=None, *, timeout: float = 1800
+) -> dict:
     """Runs the audit in a scratch dir; writes ``audit.json`` into ``out`` if given.
 
-    ``devices``: also compare D devices with 1 (``compare_devices``); its D-device repeat
-    must be bitwise for ``ok``, its divergence from 1 device is reported.
+    Two straight runs in this process (``repeat``), and a third as a training process of
+    its own, SIGKILLed past a checkpoint half way and resumed to the end in its workdir
+    (``kill_and_resume``). ``devices``: also compare D devices with 1
+    (``compare_devices``); its D-device repeat must be bitwise for ``ok``, its divergence
+    from 1 device is reported. ``timeout``: seconds the other processes may take.
     """
     config = shorten(config, steps)
     scratch = tempfile.mkdtemp(prefix="jaxrepro-audit-")
     try:
-        a, b, c = (os.path.join(scratch, n) for n in ("straight1", "straight2", "resumed"))
+        a, b, c = (os.path.join(scratch, n) for n in ("straight1", "straight2", "killed"))
         loop.run(config, a)
         loop.run(config, b)
-        loop.run(config, c, stop_after=max(1, steps // 2))
-        loop.run(config, c)
         report = {
             "steps": steps,
             "platform": Workdir(a).read_run()["platform"],
             "repeat": _versus(a, b),
-            "kill_and_resume": _versus(a, c),
+            "kill_and_resume": kill_and_resume(config, a, c, scratch, timeout=timeout),
         }
         checks = [report["repeat"], report["kill_and_resume"]]
         if devices is not None:
-            report["devices"] = compare_devices(config, steps, devices)
+            report["devices"] = compare_devices(config, steps, devices, timeout=timeout)
             checks.append(report["devices"]["repeat"])
-        report["ok"] = all(r["metrics_bitwise_equal"] and r["state_bitwise_equal"] for r in checks)
+        report["ok"] = all(r["ok"] for r in checks)  # a kill that did not happen is not ok
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if out:
@@ -105,14 +115,130 @@ def audit(config, steps: int, out: str | None = None, devices: int | None = None
     return report
 
 
+# ----------------------------------------------------------------------------- kill -9, resume
+
+
+def _same_setup_env() -> dict:
+    """This process's environment for a child that must compute the same bits.
+
+    XLA flags, JAX_PLATFORMS and the CPU affinity (XLA:CPU's thread count) are inherited
+    as they are; the child reuses this process's compile cache.
+    """
+    env = dict(os.environ)
+    cache = jax.config.jax_compilation_cache_dir
+    if cache and "JAXREPRO_COMPILE_CACHE_DIR" not in env:
+        env["JAXREPRO_COMPILE_CACHE_DIR"] = cache
+    return env
+
+
+def check_same_setup(straight: str, other: str) -> None:
+    """Refuses (JaxreproError) to compare run ``other`` with run ``straight`` when their
+    run.json platform fingerprints differ (``machine.fingerprint``: backend, devices,
+    processes, CPU threads, XLA flags, the CPU)."""
+    a = machine.fingerprint(Workdir(straight).read_run().get("platform") or {})
+    b = machine.fingerprint(Workdir(other).read_run().get("platform") or {})
+    differ = machine.differences(a, b)
+    if differ:
+        raise JaxreproError(
+            "kill_and_resume: the training process ran under another process setup than "
+            f"the straight runs ({'; '.join(differ)}): its bits are not comparable with "
+            "theirs. Run the audit where its child processes inherit the same XLA_FLAGS, "
+            "backend and CPU threads."
+        )
+
+
+def _last_train_step(workdir: str) -> int | None:
+    steps = [r["step"] for r in Workdir(workdir).metrics() if r["kind"] == "train"]
+    return max(steps, default=None)
+
+
+def kill_and_resume(config, straight: str, workdir: str, scratch: str, *, timeout=1800) -> dict:
+    """Trains ``config`` in a process of its own, ``kill -9``s it once it has a checkpoint
+    half way or later (before the end), resumes the run in ``workdir`` to the end here and
+    compares it bitwise with the straight run in ``straight``.
+
+    The straight run and this process compute the bits the killed one is compared with,
+    so that process must run under the same setup: its run.json's platform record is
+    checked against the straight run's (``check_same_setup``: JaxreproError when they
+    differ).
+
+    Returns ``_versus``'s verdict with ``killed`` (True: the process died of SIGKILL),
+    ``signal``, ``killed_after_checkpoint`` (its last complete checkpoint then: where the
+    resume starts), ``last_logged_step`` (its last train row on disk then),
+    ``resumed_from`` and ``process``. A process that finished before the kill point gives
+    ``killed`` False and ``ok`` False: nothing was killed, nothing resumed.
+    """
+    total = Workdir(straight).read_run()["total_steps"]
+    half = total // 2
+    ckpt_dir = Workdir(workdir).checkpoint_dir
+    config_path = os.path.join(scratch, "killed_config.json")
+    jsonio.write_json(config_path, config_lib.to_dict(config))
+    cmd = [sys.executable, "-m", "jaxrepro.audit", config_path, workdir]
+    log_path = os.path.join(scratch, "killed_log.txt")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=_same_setup_env(), stdout=log, stderr=log)
+
+    def past_half() -> bool:
+        return any(half <= s < total for s in sigkill.complete_checkpoints(ckpt_dir))
+
+    try:
+        killed = sigkill.kill_when(proc, past_half, timeout=timeout)
+    except TimeoutError as e:
+        raise JaxreproError(f"kill_and_resume: {e}; log: {log_path}") from e
+    process = {"command": " ".join(cmd), "pid": proc.pid, "returncode": proc.returncode}
+    if not killed and proc.returncode != 0:
+        with open(log_path) as f:
+            tail = f.read()[-3000:]
+        raise JaxreproError(
+            f"kill_and_resume: the training process failed ({proc.returncode}):\n{tail}"
+        )
+    if not killed:
+        return {
+            "killed": False,
+            "ok": False,
+            "metrics_bitwise_equal": False,
+            "state_bitwise_equal": False,
+            "process": process,
+            "error": f"the training process finished (exit {proc.returncode}) before it "
+            f"reached a checkpoint at step >= {half} of {total} and could be killed: "
+            "nothing was killed, nothing resumed",
+        }
+    check_same_setup(straight, workdir)
+    at_kill = {
+        "killed_after_checkpoint": max(sigkill.complete_checkpoints(ckpt_dir)),
+        "last_logged_step": _last_train_step(workdir),
+    }
+    info = loop.run(config, workdir)
+    resumes = info.get("resumes") or []
+    verdict = _versus(straight, workdir)
+    verdict.update(
+        killed=True,
+        signal="SIGKILL",
+        **at_kill,
+        resumed_from=resumes[-1]["from_step"] if resumes else None,
+        total_steps=total,
+        process=process,
+    )
+    verdict["ok"] = verdict["ok"] and verdict["resumed_from"] == at_kill["killed_after_checkpoint"]
+    return verdict
+
+
+def describe_kill(v: dict) -> str:
+    """One line on what the kill-and-resume check did (for the CLI)."""
+    if not v["killed"]:
+        return f"NOT CHECKED: {v['error']}"
+    verdict = "bitwise identical" if v["ok"] else "DIFFERS"
+    return (
+        f"{verdict}: the training process was SIGKILLed after its checkpoint at step "
+        f"{v['killed_after_checkpoint']} of {v['total_steps']} (last logged train step "
+        f"{v['last_logged_step']}), resumed from step {v['resumed_from']} to the end"
+    )
+
+
 # ----------------------------------------------------------------------------- D devices vs 1
 
 _METRICS = ("loss", "accuracy", "grad_norm", "update_norm", "param_norm")
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
-
-
-def _row_key(row: dict) -> tuple:
-    return row["kind"], row["step"], row["phase"], row.get("split")
 
 
 def _number(x) -> bool:
@@ -122,15 +248,13 @@ def _number(x) -> bool:
 def divergence(rows_a: list[dict], rows_b: list[dict]) -> dict:
     """Per logged step, ``|a - b|`` and ``|a - b| / max(|a|, |b|)`` of every metric. Pure.
 
-    Rows are matched by (kind, step, phase, split); ``max`` holds each metric's largest
-    absolute and relative difference, ``first_difference`` the first row that differs.
+    Rows are matched by ``trajectory.pairs`` (kind, step, phase, split); ``max`` holds
+    each metric's largest absolute and relative difference, ``first_difference`` the first
+    row that differs, ``unmatched_rows`` how many rows only one side has.
     """
-    other = {_row_key(r): r for r in rows_b}
+    matched = trajectory.pairs(rows_a, rows_b)
     steps, worst, first = [], {}, None
-    for row in rows_a:
-        o = other.get(_row_key(row))
-        if o is None:
-            continue
+    for row, o in matched:
         entry = {"kind": row["kind"], "step": row["step"], "phase": row["phase"]}
         if row.get("split"):
             entry["split"] = row["split"]
@@ -146,7 +270,13 @@ def divergence(rows_a: list[dict], rows_b: list[dict]) -> dict:
             if d and first is None:
                 first = {"kind": row["kind"], "step": row["step"], "metric": k}
         steps.append(entry)
-    return {"compared_rows": len(steps), "first_difference": first, "max": worst, "steps": steps}
+    return {
+        "compared_rows": len(steps),
+        "unmatched_rows": len(rows_a) + len(rows_b) - 2 * len(matched),
+        "first_difference": first,
+        "max": worst,
+        "steps": steps,
+    }
 
 
 def final_arrays(path: str) -> dict[str, np.ndarray]:
@@ -287,7 +417,9 @@ def compare_devices(
 
 
 def _device_worker(argv: list[str]) -> int:
-    """``python -m jaxrepro.audit CONFIG_JSON WORKDIR [CONFIG_JSON WORKDIR ...]``."""
+    """``python -m jaxrepro.audit CONFIG_JSON WORKDIR [CONFIG_JSON WORKDIR ...]``: trains
+    each config in its workdir (the device runs, and the run that ``kill_and_resume``
+    kills)."""
     cache = os.environ.get("JAXREPRO_COMPILE_CACHE_DIR")
     if cache:
         jax.config.update("jax_compilation_cache_dir", cache)

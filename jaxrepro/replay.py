@@ -11,13 +11,12 @@ compared with the original and the report says whether the drop-off came back.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 
 from jaxrepro import config as config_lib
 from jaxrepro import dropoff as dropoff_lib
-from jaxrepro import jsonio, machine
+from jaxrepro import jsonio, machine, trajectory
 from jaxrepro.checkpoints import Checkpoints
 from jaxrepro.errors import CheckpointError, ConfigError, WorkdirError
 from jaxrepro.train import loop, runinfo
@@ -168,7 +167,11 @@ def replay(
         history=tuple(r for r in ws.metrics() if r["step"] < start),
     )
     info = loop.run(config, out, origin=origin)
-    summary = compare(ws.metrics(), Workdir(out).metrics(), start=start)
+    # Every row of the original from the restore step to the replay's end must come back
+    # (a replay that stopped early is not bit for bit); rows before it are its history.
+    summary = trajectory.compare(
+        ws.metrics(), Workdir(out).metrics(), start=start, until=p["until"]
+    )
     replay_info = Workdir(out).read_run()
     summary.update(
         name=name,
@@ -195,47 +198,6 @@ def replay(
     summary["figure"] = _figure(ws, out, summary)
     jsonio.write_json(os.path.join(out, "replay_summary.json"), summary)
     return summary
-
-
-def _key(row):
-    return (row["kind"], row["step"], row["phase"], row.get("split"))
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-        return True
-    return a == b
-
-
-def compare(original: list[dict], replayed: list[dict], *, start: int) -> dict:
-    """Per-step bitwise comparison of the rows both runs have from ``start`` on."""
-    orig = {_key(r): r for r in original if r["step"] >= start}
-    steps, first = [], None
-    for row in replayed:
-        other = orig.get(_key(row))
-        if other is None:
-            continue
-        fields = sorted(k for k in row if k not in ("kind", "step", "phase", "split"))
-        differing = [k for k in fields if not _same(row.get(k), other.get(k))]
-        entry = {
-            "kind": row["kind"],
-            "step": row["step"],
-            "phase": row["phase"],
-            "split": row.get("split"),
-            "equal": not differing,
-            "differing": differing,
-            "original": {k: other.get(k) for k in ("loss", "accuracy")},
-            "replayed": {k: row.get(k) for k in ("loss", "accuracy")},
-        }
-        steps.append(entry)
-        if differing and first is None:
-            first = {"step": row["step"], "kind": row["kind"], "fields": differing}
-    return {
-        "compared_rows": len(steps),
-        "bitwise_equal": bool(steps) and first is None,
-        "first_difference": first,
-        "steps": steps,
-    }
 
 
 def _recurs(event: dict, replay_events: list[dict], slack: int = 10) -> bool:

@@ -12,6 +12,7 @@ from helpers import tiny_digits
 
 from jaxrepro import dropoff as dropoff_lib
 from jaxrepro import replay as replay_lib
+from jaxrepro import trajectory
 from jaxrepro.checkpoints import Checkpoints
 from jaxrepro.data import augment as augment_lib
 from jaxrepro.errors import CheckpointError, ConfigError, WorkdirError
@@ -28,11 +29,22 @@ def original(data_dir, tmp_path_factory):
     return path, info
 
 
-def test_exact_replay_is_bitwise(original):
+def test_exact_replay_is_bitwise(original, monkeypatch):
     path, info = original
+    calls = []
+    real = trajectory.compare
+
+    def spy(reference, other, **kw):  # the replay's verdict is trajectory.compare's
+        calls.append(kw)
+        return real(reference, other, **kw)
+
+    monkeypatch.setattr(trajectory, "compare", spy)
     s = replay_lib.replay(path, from_step=4)
+    assert calls == [{"start": 4, "until": None}]
     assert s["kind"] == "exact" and s["from_step"] == 4 and s["status"] == "done"
-    assert s["compared_rows"] >= 10
+    assert s["compared_rows"] >= 10 and s["missing_rows"] == [] and s["extra_rows"] == []
+    # every row of the original from step 4 on came back
+    assert s["compared_rows"] == len([r for r in Workdir(path).metrics() if r["step"] >= 4])
     assert s["bitwise_equal"] and s["first_difference"] is None
     assert all(e["equal"] for e in s["steps"])
     assert s["final_param_hash"] == info["final_param_hash"]

@@ -8,6 +8,7 @@ one device then equals the 4-device original bit for bit, eval rows included.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import pytest
@@ -15,6 +16,7 @@ from test_cli_errors import cli
 
 from jaxrepro.errors import WorkdirError
 from jaxrepro.invariant import setup
+from jaxrepro.train import runinfo
 
 _FLAG = "--xla_force_host_platform_device_count"
 
@@ -88,3 +90,66 @@ def test_replay_setup_refuses_a_corrupt_run_json(tmp_path):
     with pytest.raises(WorkdirError, match="platform"):
         setup.replay_process_setup(str(tmp_path), ["jaxrepro", "replay"])
     assert setup.replay_process_setup(str(tmp_path / "missing"), ["x"]) is None
+
+
+class _Exec(Exception):
+    """Raised by the stand-in for os.execve: where a replay would re-execute itself."""
+
+
+def _write_record(path, **platform):
+    base = {"backend": "cpu", "local_device_count": 1, "xla_flags": ""}
+    base["cpu_threads"] = runinfo.cpu_threads()
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "run.json"), "w") as f:
+        json.dump({"platform": dict(base, **platform)}, f)
+    return str(path)
+
+
+def test_replay_applies_only_the_recorded_settings(tmp_path, monkeypatch):
+    """A plain one-device run recorded no device-count flag: its replay adds none, runs
+    in a process like the run's without re-executing, and logs only what was recorded."""
+    plain = _write_record(tmp_path / "plain")
+    env = setup.setup_for_replay(os.path.join(plain, "run.json"))
+    assert env["XLA_FLAGS"] == "" and setup.not_recreated(os.path.join(plain, "run.json")) == []
+    execs, logged = [], []
+
+    def execve(*args):
+        execs.append(args)
+        raise _Exec
+
+    monkeypatch.setattr(os, "execve", execve)
+    monkeypatch.setattr(
+        logging.getLogger("jaxrepro"), "warning", lambda m, *a: logged.append(m % a)
+    )
+    monkeypatch.delenv(setup.REEXEC_ENV, raising=False)
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("XLA_FLAGS", "")
+    rec = setup.replay_process_setup(plain, ["jaxrepro", "replay"])
+    assert execs == [] and logged == [] and rec["differed"] == [] and not rec["reexecuted"]
+    # a shell with a flag the run never had: re-executed with the recorded flags (none)
+    monkeypatch.setenv("XLA_FLAGS", f"{_FLAG}=4")
+    with pytest.raises(_Exec):
+        setup.replay_process_setup(plain, ["jaxrepro", "replay", f"--workdir={plain}"])
+    ((_, argv, child),) = execs
+    assert argv[-2:] == ["replay", f"--workdir={plain}"]
+    assert child["XLA_FLAGS"] == "" and child["JAX_PLATFORMS"] == "cpu"
+    assert json.loads(child[setup.REEXEC_ENV]) == [f"XLA_FLAGS: recorded '', here '{_FLAG}=4'"]
+    (line,) = logged
+    assert "re-executing with the settings run.json records" in line
+    threads = runinfo.cpu_threads()
+    assert line.endswith(
+        f"records: JAXREPRO_CPU_THREADS='{threads}', JAX_PLATFORMS='cpu', XLA_FLAGS=''"
+    )
+    # several CPU devices the recorded flags do not explain: no flag is invented for them
+    other = _write_record(tmp_path / "eight", local_device_count=8)
+    assert setup.setup_for_replay(os.path.join(other, "run.json"))["XLA_FLAGS"] == ""
+    monkeypatch.setenv("XLA_FLAGS", "")
+    logged.clear()
+    rec = setup.replay_process_setup(other, ["jaxrepro", "replay"])
+    assert rec["differed"] == [] and len(execs) == 1
+    assert rec["not_recreated"] and "had 8 CPU devices" in rec["not_recreated"][0]
+    assert logged and "not recorded" in logged[0]
+    # a recorded count flag is kept, at the recorded count
+    flagged = _write_record(tmp_path / "four", local_device_count=4, xla_flags=f"{_FLAG}=4")
+    assert setup.setup_for_replay(os.path.join(flagged, "run.json"))["XLA_FLAGS"] == f"{_FLAG}=4"
+    assert setup.not_recreated(os.path.join(flagged, "run.json")) == []

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from helpers import REPO, TINY_FLAGS, rows_equal, tiny_digits
 
-from jaxrepro import jsonio
+from jaxrepro import jsonio, sigkill
 from jaxrepro.checkpoints import Checkpoints
 from jaxrepro.errors import CheckpointError
 from jaxrepro.train import loop
@@ -69,19 +69,20 @@ def _spawn(workdir, data_dir, cache_dir):
     )
 
 
-def _kill_when(proc, predicate, timeout=240, poll=0.002):
-    """SIGKILLs ``proc`` the moment ``predicate()`` holds; False if it ended first."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            return False
-        if predicate():
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return True
-        time.sleep(poll)
-    proc.kill()
-    raise AssertionError("training subprocess did not reach the kill point in time")
+def test_kill_when_kills_or_says_the_process_ended_first(tmp_path):
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+    proc = subprocess.Popen(sleeper)
+    assert sigkill.kill_when(proc, lambda: True) and proc.returncode == -signal.SIGKILL
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    assert not sigkill.kill_when(proc, lambda: False) and proc.returncode == 0
+    proc = subprocess.Popen(sleeper)
+    with pytest.raises(TimeoutError, match="did not reach the kill point"):
+        sigkill.kill_when(proc, lambda: False, timeout=0.2)
+    assert proc.returncode == -signal.SIGKILL  # not left running
+    for name in ("4", "12", "8.orbax-checkpoint-tmp-1700000000"):  # a save in flight
+        os.makedirs(tmp_path / name)
+    assert sigkill.complete_checkpoints(str(tmp_path)) == [4, 12]
+    assert sigkill.complete_checkpoints(str(tmp_path / "none")) == []
 
 
 def _n_train_rows(workdir):
@@ -105,7 +106,7 @@ def test_sigkill_at_several_points_resumes_bitwise(straight, data_dir, tmp_path)
     killed = []
     for label, predicate in kill_points:
         proc = _spawn(workdir, data_dir, cache)
-        if _kill_when(proc, predicate):
+        if sigkill.kill_when(proc, predicate):
             killed.append(label)
     assert "inside a save" in killed, f"never caught a save in flight (killed: {killed})"
     proc = _spawn(workdir, data_dir, cache)

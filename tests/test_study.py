@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -552,6 +554,37 @@ def test_rerun_of_a_finished_study_runs_nothing(real_study, data_dir):
     summary = study.run_study(_config(data_dir), out, vary="aug", seeds="0-2", env=env)
     assert summary["sessions"][-1]["launched"] == []
     assert summary["replay"]["bitwise_equal"]
+
+
+def test_study_whose_replay_is_not_bitwise_exits_non_zero(
+    real_study, data_dir, tmp_path, monkeypatch, capsys
+):
+    """`jaxrepro study` fails when its exact replay is not bit for bit, naming the run, the
+    drop-off and the first differing row, and still writes its report. Here: a copy of the
+    study whose replayed run's metrics.jsonl had one loss moved by one ulp after the run."""
+    out, summary, _, _, env = real_study
+    copy = str(tmp_path / "s")
+    shutil.copytree(out, copy)
+    r = summary["replay"]
+    workdir = os.path.join(copy, "runs", r["run"])
+    shutil.rmtree(os.path.join(workdir, "replays"))  # the study replays again
+    rows = jsonio.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    target = next(x for x in rows if x["kind"] == "train" and x["step"] >= r["from_step"])
+    target["loss"] = math.nextafter(target["loss"], math.inf)
+    jsonio.write_jsonl(os.path.join(workdir, "metrics.jsonl"), rows)
+    monkeypatch.setenv("JAXREPRO_COMPILE_CACHE_DIR", env["JAXREPRO_COMPILE_CACHE_DIR"])
+    flags = types.SimpleNamespace(
+        out=copy, vary="aug", seeds="0-2", grid=[], parallel=1, jobs_only=False
+    )
+    assert study.main_from_flags(flags, _config(data_dir)) == 1
+    err = capsys.readouterr().err
+    assert f"error: the exact replay of run {r['run']}, drop-off {r['dropoff']} (" in err
+    assert f"train row at {target['phase']} step {target['step']} differs in loss" in err
+    saved = jsonio.read_json(os.path.join(copy, "summary.json"))["replay"]
+    assert saved["bitwise_equal"] is False and saved["first_difference"]["step"] == target["step"]
+    assert "NOT bit for bit" in open(os.path.join(copy, "report.md")).read()
+    # the untouched study's replay is bitwise: nothing for the job to fail on
+    assert study.replay_failure(summary["replay"]) is None
 
 
 def test_keep_checkpoints_dropoffs_prunes_all_but_the_replayable(real_study, data_dir):

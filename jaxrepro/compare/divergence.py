@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from jaxrepro import config as config_lib
-from jaxrepro import rng
+from jaxrepro import rng, trajectory
 from jaxrepro.checkpoints import Checkpoints
 from jaxrepro.compare import torch_port
 from jaxrepro.errors import JaxreproError
@@ -43,10 +43,10 @@ def same_batches(a: Run, b: Run) -> bool:
     return not config_lib.diff(a.config, b.config)
 
 
-def _by_key(rows, kind) -> dict:
-    """Rows of one kind keyed by (phase, step), and for evals also split."""
-    fields = ("phase", "step") if kind == "train" else ("phase", "step", "split")
-    return {tuple(r.get(f) for f in fields): r for r in rows if r.get("kind") == kind}
+def _paired(jax_rows, torch_rows, kind) -> list[tuple[dict, dict]]:
+    """The rows of one kind both runs logged (``trajectory.pairs``), by step."""
+    mine = [r for r in jax_rows if r.get("kind") == kind]
+    return sorted(trajectory.pairs(mine, torch_rows), key=lambda p: p[0]["step"])
 
 
 def _rel(a: float, b: float) -> float:
@@ -60,14 +60,12 @@ def trajectory_divergence(jax_rows, torch_rows) -> dict:
       ``{"train": {"per_step": [...], "first": {...}, "max_loss_abs_diff",
       "max_loss_rel_diff", "max_grad_norm_rel_diff", "n"}, "eval": {...}}``.
     """
-    ja, ta = _by_key(jax_rows, "train"), _by_key(torch_rows, "train")
     per_step = []
-    for key in sorted(set(ja) & set(ta), key=lambda k: k[1]):
-        j, t = ja[key], ta[key]
+    for j, t in _paired(jax_rows, torch_rows, "train"):
         per_step.append(
             {
-                "phase": key[0],
-                "step": key[1],
+                "phase": j.get("phase"),
+                "step": j["step"],
                 "loss_jax": j["loss"],
                 "loss_torch": t["loss"],
                 "loss_abs_diff": abs(t["loss"] - j["loss"]),
@@ -77,16 +75,18 @@ def trajectory_divergence(jax_rows, torch_rows) -> dict:
         )
     if not per_step:
         raise CompareError("the two runs share no logged training step")
-    je, te = _by_key(jax_rows, "eval"), _by_key(torch_rows, "eval")
     evals = [
         {
-            "phase": k[0],
-            "step": k[1],
-            "split": k[2],
-            "loss_rel_diff": _rel(je[k]["loss"], te[k]["loss"]),
-            "accuracy_abs_diff": abs(je[k]["accuracy"] - te[k]["accuracy"]),
+            "phase": j.get("phase"),
+            "step": j["step"],
+            "split": j.get("split"),
+            "loss_rel_diff": _rel(j["loss"], t["loss"]),
+            "accuracy_abs_diff": abs(j["accuracy"] - t["accuracy"]),
         }
-        for k in sorted(set(je) & set(te), key=lambda k: (k[1], k[0], k[2] or ""))
+        for j, t in sorted(
+            _paired(jax_rows, torch_rows, "eval"),
+            key=lambda p: (p[0]["step"], p[0].get("phase") or "", p[0].get("split") or ""),
+        )
     ]
     return {
         "train": {

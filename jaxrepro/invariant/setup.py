@@ -10,7 +10,7 @@ for the same reason. So to replay a run recorded with 8 simulated devices on one
 device, start the replay process with the recorded flags and threads, then use a mesh
 over the first device(s):
 
-    env = setup_for_replay(run_json)      # XLA_FLAGS, JAX_PLATFORMS, thread count
+    env = setup_for_replay(run_json)      # the recorded XLA_FLAGS, JAX_PLATFORMS, threads
     subprocess.run(cmd, env=os.environ | env)
     # ...and in the new process, before its first JAX computation:
     apply_env_threads()                   # CPU affinity from $JAXREPRO_CPU_THREADS
@@ -54,28 +54,52 @@ def with_device_count(xla_flags: str, count: int) -> str:
 def setup_for_replay(run_json) -> dict[str, str]:
     """Environment variables that recreate a recorded run's process setup.
 
+    Only what run.json records is applied: ``XLA_FLAGS`` as recorded (on CPU, a recorded
+    ``--xla_force_host_platform_device_count`` is set to the recorded local device
+    count, which wins over a stale flag; where the record has no such flag, none is
+    added: a plain one-device run is replayed as it ran), ``JAX_PLATFORMS`` (the
+    recorded backend) and, when recorded, ``JAXREPRO_CPU_THREADS`` (apply it with
+    :func:`apply_cpu_threads` in the new process before JAX starts its backend).
+    Set them before JAX is imported in the replaying process: they take effect
+    when the backend starts, so a running process cannot adopt them. What the record
+    does not say cannot be recreated: see :func:`not_recreated`.
+
     Args:
       run_json: the content of a run's ``run.json`` (a dict) or its path.
-
-    Returns:
-      ``XLA_FLAGS`` (the recorded flags; on CPU with the recorded local device count
-      forced, also when the run set it another way), ``JAX_PLATFORMS`` (the recorded
-      backend) and, when recorded, ``JAXREPRO_CPU_THREADS`` (apply it with
-      :func:`apply_cpu_threads` in the new process before JAX starts its backend).
-      Set them before JAX is imported in the replaying process: they take effect
-      when the backend starts, so a running process cannot adopt them.
 
     Raises:
       ValueError: if ``run_json`` has no usable platform record.
     """
     platform = _platform(run_json)
     flags = platform["xla_flags"] or ""
-    if platform["backend"] == "cpu":
+    if platform["backend"] == "cpu" and _COUNT_RE.search(flags):
         flags = with_device_count(flags, int(platform["local_device_count"]))
     env = {"XLA_FLAGS": flags, "JAX_PLATFORMS": str(platform["backend"])}
     if platform.get("cpu_threads"):
         env[THREADS_ENV] = str(int(platform["cpu_threads"]))
     return env
+
+
+def not_recreated(run_json) -> list[str]:
+    """Parts of a recorded setup that :func:`setup_for_replay` cannot recreate.
+
+    A CPU run with several local devices whose recorded XLA_FLAGS do not force the count
+    got its devices another way (``JAX_NUM_CPU_DEVICES``, ``jax_num_cpu_devices``) that
+    run.json does not record: the replay does not invent a flag for it.
+    """
+    platform = _platform(run_json)
+    count = int(platform["local_device_count"])
+    if (
+        platform["backend"] == "cpu"
+        and count != 1
+        and not _COUNT_RE.search(platform["xla_flags"] or "")
+    ):
+        return [
+            f"the run had {count} CPU devices, but its recorded XLA_FLAGS do not set "
+            f"{_COUNT_FLAG}: how it got them is not recorded, so the replay process does "
+            "not recreate them"
+        ]
+    return []
 
 
 def apply_cpu_threads(threads: int | None = None) -> list[int]:
@@ -168,10 +192,12 @@ def replay_process_setup(run_dir: str, argv, *, reexec: bool = True) -> dict | N
     here is not a difference: JAX picks the recorded backend itself on the same machine
     (the replay checks it).
 
-    Returns what the replay summary records: ``recorded`` (the environment),
-    ``differed`` (what differed when the command was started), ``reexecuted``, and
-    ``differences`` (what still differs; empty when the setup is the recorded one), or
-    None when ``run_dir`` has no run.json (the replay then reports the missing run).
+    Returns what the replay summary records: ``recorded`` (the environment that
+    ``setup_for_replay`` derives from run.json, nothing else), ``differed`` (what
+    differed when the command was started), ``reexecuted``, ``differences`` (what still
+    differs; empty when the setup is the recorded one) and ``not_recreated`` (what the
+    record cannot say, :func:`not_recreated`), or None when ``run_dir`` has no run.json
+    (the replay then reports the missing run).
     """
     import json
     import logging
@@ -183,9 +209,17 @@ def replay_process_setup(run_dir: str, argv, *, reexec: bool = True) -> dict | N
         return None
     try:
         recorded = setup_for_replay(path)
+        unrecorded = not_recreated(path)
     except (ValueError, OSError) as e:  # json.JSONDecodeError is a ValueError
         raise WorkdirError(f"{path}: cannot read the run's process setup: {e}") from e
-    record = {"recorded": recorded, "differed": [], "reexecuted": False}
+    record = {
+        "recorded": recorded,
+        "differed": [],
+        "reexecuted": False,
+        "not_recreated": unrecorded,
+    }
+    for why in unrecorded:
+        log.warning("replay: %s; its bits may differ", why)
     if REEXEC_ENV in os.environ:  # the re-executed replay
         record.update(differed=json.loads(os.environ[REEXEC_ENV]), reexecuted=True)
         try:
@@ -212,8 +246,8 @@ def replay_process_setup(run_dir: str, argv, *, reexec: bool = True) -> dict | N
     child = {k: v for k, v in os.environ.items() if k != THREADS_ENV}
     child.update(env, **{REEXEC_ENV: json.dumps(differed)})
     log.warning(
-        "replay: this process's setup differs from the run's (%s); re-executing under the "
-        "recorded setup: %s", "; ".join(differed), describe(env),
+        "replay: this process's setup differs from the run's (%s); re-executing with the "
+        "settings run.json records: %s", "; ".join(differed), describe(env),
     )  # fmt: skip
     sys.stdout.flush()
     sys.stderr.flush()

@@ -13,7 +13,7 @@ import math
 import os
 import re
 
-from jaxrepro import stats
+from jaxrepro import stats, trajectory
 from jaxrepro.report import figures
 
 QUANTITIES = ("final", "last_k_mean", "best")
@@ -440,7 +440,9 @@ def _replay_lines(replay: dict) -> list[str]:
     verdict = (
         "bit for bit identical"
         if replay["bitwise_equal"]
-        else f"DIFFERENT, first at {replay['first_difference']}"
+        else f"NOT bit for bit: {len(replay.get('missing_rows') or [])} rows missing in the "
+        f"replay, {len(replay.get('extra_rows') or [])} extra, first: "
+        f"{trajectory.describe(replay['first_difference'])}"
     )
     lines += [
         f"The largest drop-off (relative change {replay['severity']:.3g}) is {e['kind']} of "

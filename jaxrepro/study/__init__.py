@@ -31,7 +31,7 @@ from jaxrepro import config as config_lib
 from jaxrepro import jsonio
 from jaxrepro.errors import ConfigError
 from jaxrepro.report import report as report_lib
-from jaxrepro.study.analysis import analyze, largest_event, severity
+from jaxrepro.study.analysis import analyze, largest_event, replay_failure, severity
 from jaxrepro.study.plan import (
     FINISHED,
     SESSIONS_FILE,
@@ -69,6 +69,7 @@ __all__ = [
     "plan_runs",
     "prepare_out",
     "prune_checkpoints",
+    "replay_failure",
     "run_study",
     "severity",
     "source_hash",
@@ -306,4 +307,7 @@ def main_from_flags(flags, config) -> int:
     missing = summary["missing_runs"]
     print(f"{len(summary['runs'])} runs finished, {len(missing)} not: {', '.join(missing) or '-'}")
     print(f"report: {os.path.join(out, 'report.md')}  summary: {os.path.join(out, 'summary.json')}")
-    return 1 if missing else 0
+    failure = replay_failure(summary["replay"])
+    if failure:
+        print(f"error: {failure}", file=sys.stderr)
+    return 1 if missing or failure else 0

@@ -15,7 +15,7 @@ import sys
 
 from jaxrepro import config as config_lib
 from jaxrepro import dropoff as dropoff_lib
-from jaxrepro import jsonio, machine, rng, stats
+from jaxrepro import jsonio, machine, rng, stats, trajectory
 from jaxrepro.report import report as report_lib
 from jaxrepro.study.plan import FINISHED, Run, Spec, run_status
 
@@ -163,13 +163,18 @@ def replay_largest(
     if not done:  # a restarted study reuses its finished replay
         why = _run_replay(out, record["workdir"], index, python, env)
         if why is not None:
-            return {"skipped": f"replay of {record['run']} drop-off {index} failed ({why})"}
+            return {
+                "skipped": f"replay of {record['run']} drop-off {index} failed ({why})",
+                "failed": True,
+            }
     s = jsonio.read_json(path)
     keep = (
         "kind",
         "from_step",
         "until",
         "compared_rows",
+        "missing_rows",
+        "extra_rows",
         "bitwise_equal",
         "first_difference",
         "event_recurs",
@@ -188,6 +193,25 @@ def replay_largest(
         figure=figure if os.path.exists(os.path.join(out, figure)) else None,
     )
     return result
+
+
+def replay_failure(replay: dict) -> str | None:
+    """Why a study's exact replay does not back it, or None when it does (or there was
+    nothing to replay). A study whose replay failed or was not bit for bit has not shown
+    its largest drop-off to be reproducible: ``jaxrepro study`` then exits non-zero."""
+    if replay.get("failed"):
+        return replay["skipped"]
+    if replay.get("kind") != "exact" or replay.get("bitwise_equal"):
+        return None
+    e = replay["event"]
+    return (
+        f"the exact replay of run {replay['run']}, drop-off {replay['dropoff']} ({e['kind']} "
+        f"of {e['metric']} at {e['phase']} step {e['step']}), is not bit for bit: "
+        f"{replay['compared_rows']} rows compared, {len(replay.get('missing_rows') or [])} "
+        f"missing in the replay, {len(replay.get('extra_rows') or [])} extra; first: "
+        f"{trajectory.describe(replay['first_difference'])} "
+        f"(see {replay['replay_dir']}/replay_summary.json)"
+    )
 
 
 def _environment(records: list[dict]) -> dict:
