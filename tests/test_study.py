@@ -124,7 +124,8 @@ def test_plan_runs_designs(data_dir):
     ]
     assert oat[5].overrides == (("seeds.aug", "0"), ("seeds.data", "2"))
     assert len(study.plan_runs(config, study.make_spec("aug*data*init", "0-1"))) == 8
-    assert len(study.plan_runs(config, study.make_spec("all", "0-1"))) == 6  # 5 factors x 2 - 4
+    # 'all' of a model without dropout: 4 factors x 2 seeds - 3 repeats of the base run
+    assert len(study.plan_runs(config, study.make_spec("all", "0-1", config=config))) == 5
     grid = study.plan_runs(config, study.make_spec("aug", "0-1", ["data.augment.crop.padding=4,3"]))
     assert [(r.point, r.seeds) for r in grid] == [
         ("data.augment.crop.padding=4", {"aug": 0}),

@@ -76,6 +76,7 @@ def build(
     dtype="float32",
     width: int | None = None,
     bn_impl: str = "flax",
+    dropout_rate: float = 0.0,
 ) -> ResNet:
     """Builds a ResNet by name.
 
@@ -90,6 +91,8 @@ def build(
       dtype: compute dtype, 'float32', 'bfloat16' or 'float16'; params stay float32.
       width: stem / stage-1 channels; None for the model's default (64, tiny: 8).
       bn_impl: 'flax' (autodiff BatchNorm) or 'fused' (custom_vjp backward).
+      dropout_rate: dropout before ``fc`` in train mode, in [0, 1); training then needs
+        ``apply(..., rngs={'dropout': key})``. 0: no dropout op.
 
     Returns:
       The (unbound) Flax module. ``apply(variables, images_nhwc, train=...)`` gives logits.
@@ -100,6 +103,10 @@ def build(
     block_cls, stages, _ = _spec(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if isinstance(dropout_rate, bool) or not isinstance(dropout_rate, int | float):
+        raise ValueError(f"dropout_rate must be a number, got {dropout_rate!r}")
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
     return ResNet(
         stage_sizes=stages,
         block_cls=block_cls,
@@ -111,6 +118,7 @@ def build(
         maxpool_impl=_choice("maxpool_impl", maxpool_impl, MAXPOOL_IMPLS),
         bn_impl=_choice("bn_impl", bn_impl, BN_IMPLS),
         dtype=_dtype(dtype),
+        dropout_rate=float(dropout_rate),
     )
 
 

@@ -114,6 +114,9 @@ class ResNet(nn.Module):
       maxpool_impl: 'lax' or 'deterministic' (see pooling.py).
       bn_impl: 'flax' or 'fused' (see batchnorm.py).
       dtype: compute dtype; parameters stay float32, logits are returned in float32.
+      dropout_rate: dropout on the pooled features, before ``fc``, in train mode only
+        (the key is ``apply``'s ``'dropout'`` rng). 0: no dropout op at all, so the
+        program is the one without the option.
     """
 
     stage_sizes: tuple[int, ...]
@@ -126,6 +129,7 @@ class ResNet(nn.Module):
     maxpool_impl: str = "lax"
     bn_impl: str = "flax"
     dtype: jnp.dtype = jnp.float32
+    dropout_rate: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
@@ -146,6 +150,8 @@ class ResNet(nn.Module):
         features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         if return_features:
             return features
+        if self.dropout_rate > 0:  # parameter-free: the parameter tree is the same
+            features = nn.Dropout(self.dropout_rate, name="dropout")(features, not train)
         logits = Head(self.num_classes, dtype=self.dtype, name="fc")(features)
         return logits.astype(jnp.float32)
 

@@ -5,6 +5,8 @@ r"""Seed studies: one run per seed of the varied factor(s), then statistics and 
 * ``--vary=aug``: one run per seed, every other factor held at its base seed.
   ``--vary=aug,data`` (or ``all``): one factor at a time, the others held fixed (the
   design of Bouthillier et al. 2021); ``--vary=aug*data``: the full grid of seeds.
+  ``dropout`` is a factor only for a model with ``model.dropout_rate > 0``: ``all``
+  leaves it out otherwise, and naming it is refused before anything runs.
 * ``--grid=data.augment.crop.padding=4,3`` (repeatable: the product): every grid point
   runs with every seed, so a study can hold the seeds fixed and vary the config.
 
@@ -160,8 +162,8 @@ def run_study(
     if not out:
         raise ConfigError("--out is required: the study's directory")
     out = os.path.abspath(out)
-    spec = make_spec(vary, seeds, grid)
     config_lib.validate(config)
+    spec = make_spec(vary, seeds, grid, config)
     runs = plan_runs(config, spec)
     prepare_out(config, spec, runs, out)
     jobs = write_jobs(out, runs, python)

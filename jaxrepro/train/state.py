@@ -44,6 +44,7 @@ def build_module(config, num_classes: int, conv_impl: str):
         bn_impl=m.bn_impl,
         dtype=m.dtype,
         width=m.width,
+        dropout_rate=m.dropout_rate,
     )
 
 
