@@ -148,15 +148,19 @@ def cmd_replay(argv):
         devices=devices,
         setup=_REPLAY_SETUP.get("record"),
     )
+    from jaxrepro.workdir import shown
+
     _print_setup(s)
-    print(f"{s['kind']} replay from step {s['from_step']} to {s['until']} -> {s['replay_dir']}")
+    where = shown(s["replay_dir"])
+    print(f"{s['kind']} replay from step {s['from_step']} to {s['until']} -> {where}")
     if s["kind"] == "exact":
         first = s["first_difference"]
         verdict = "bit for bit" if s["bitwise_equal"] else f"differs first at {first}"
         print(f"{s['compared_rows']} rows compared: {verdict}")
     if "event_recurs" in s:
         print(f"the drop-off {'recurs' if s['event_recurs'] else 'does not recur'} in the replay")
-    print(f"summary: {s['replay_dir']}/replay_summary.json  figure: {s['figure']}")
+    figure = shown(s["figure"]) if s["figure"] else None
+    print(f"summary: {os.path.join(where, 'replay_summary.json')}  figure: {figure}")
     return 0 if s["kind"] != "exact" or s["bitwise_equal"] else 1
 
 

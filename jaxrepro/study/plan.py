@@ -2,7 +2,7 @@
 
 OUT/study.json     what the study varies and its base config (its identity)
 OUT/study_config.* the base config, every override included, for the runs' --config
-OUT/jobs.txt       one shell command per run
+OUT/jobs.txt       one shell command per run, its paths relative to OUT (run it from OUT)
 OUT/runs/NAME/     each run's workdir; OUT/logs/NAME.txt its output
 """
 
@@ -300,16 +300,21 @@ def prepare_out(config, spec: Spec, runs: list[Run], out: str) -> bool:
     return restart
 
 
-def job_argv(out: str, run: Run, python: str | None = None) -> list[str]:
-    """The ``jaxrepro train`` command line of one run."""
+def job_argv(out: str, run: Run, python: str | None = None, base: str | None = None) -> list[str]:
+    """The ``jaxrepro train`` command line of one run; paths absolute, or relative to
+    ``base`` (jobs.txt: relative to OUT)."""
     out = os.path.abspath(out)
+
+    def path(p):
+        return p if base is None else os.path.relpath(p, base)
+
     return [
-        python or sys.executable,
+        path(os.path.abspath(python or sys.executable)),
         "-m",
         "jaxrepro",
         "train",
-        f"--config={os.path.join(out, 'study_config.py')}",
-        f"--workdir={os.path.join(out, 'runs', run.name)}",
+        f"--config={path(os.path.join(out, 'study_config.py'))}",
+        f"--workdir={path(os.path.join(out, 'runs', run.name))}",
         *(f"--config.{k}={v}" for k, v in run.overrides),
     ]
 
@@ -320,13 +325,19 @@ def log_path(out: str, run: Run) -> str:
 
 
 def write_jobs(out: str, runs: list[Run], python: str | None = None) -> str:
-    """OUT/jobs.txt: one shell line per run (``sed -n "${I}p" jobs.txt | bash``)."""
+    """OUT/jobs.txt: one shell line per run (``cd OUT; sed -n "${I}p" jobs.txt | bash``).
+
+    Every path in it (the interpreter's too) is relative to OUT: the file holds no
+    absolute path of the machine that planned the study, and stays right when the
+    study's directory moves with the interpreter beside it (a repo and its .venv).
+    """
+    out = os.path.abspath(out)
     path = os.path.join(out, "jobs.txt")
     with open(path, "w") as f:
         for r in runs:
-            f.write(
-                f"{shlex.join(job_argv(out, r, python))} >> {shlex.quote(log_path(out, r))} 2>&1\n"
-            )
+            argv = shlex.join(job_argv(out, r, python, base=out))
+            log = shlex.quote(os.path.relpath(log_path(out, r), out))
+            f.write(f"{argv} >> {log} 2>&1\n")
     return path
 
 

@@ -42,7 +42,7 @@ from jaxrepro.train.step import (
     unpack_metrics,
     with_packed_metrics,
 )
-from jaxrepro.workdir import MetricsWriter, Workdir
+from jaxrepro.workdir import MetricsWriter, Workdir, shown
 
 log = logging.getLogger("jaxrepro")
 
@@ -204,7 +204,7 @@ def run(config, workdir: str, *, stop_after: int | None = None, origin: Origin |
     resuming = _claim(ws, claimed)
     run_info = ws.read_run()
     if resuming and run_info.get("status") in ("done", "diverged"):
-        log.info("%s: run already %s; nothing to do", ws.path, run_info["status"])
+        log.info("%s: run already %s; nothing to do", shown(ws.path), run_info["status"])
         return run_info
     runner = Runner(config, ws, resuming, origin)
     try:
@@ -308,7 +308,9 @@ class Runner:
             )
         target = self.par.replicate(target)  # restore straight into replicated arrays
         state, meta = ckpts.restore(step, target, expect={"model": self.config.model.name})
-        log.info("restored checkpoint %d (%s) from %s", step, meta.get("phase"), ckpts.directory)
+        log.info(
+            "restored checkpoint %d (%s) from %s", step, meta.get("phase"), shown(ckpts.directory)
+        )
         return state, meta["phase"]
 
     # -- compiled functions
@@ -759,5 +761,5 @@ class Runner:
         self.info.update(fields)
         if self.primary:
             self.ws.update_run(**self.info)
-        log.info("%s: %s at step %d in %.1fs", self.ws.path, status, step, wall)
+        log.info("%s: %s at step %d in %.1fs", shown(self.ws.path), status, step, wall)
         return self.info
