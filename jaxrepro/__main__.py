@@ -160,10 +160,13 @@ def cmd_replay(argv):
         setup=_REPLAY_SETUP.get("record"),
         force=FLAGS.force,
     )
+    from jaxrepro.workdir import shown
+
     _print_setup(s)
     if s["platform_check"]["differences"]:
         print("platform differs from the run's: " + "; ".join(s["platform_check"]["differences"]))
-    print(f"{s['kind']} replay from step {s['from_step']} to {s['until']} -> {s['replay_dir']}")
+    where = shown(s["replay_dir"])
+    print(f"{s['kind']} replay from step {s['from_step']} to {s['until']} -> {where}")
     if s["kind"] == "exact":
         from jaxrepro import trajectory
 
@@ -175,7 +178,8 @@ def cmd_replay(argv):
         )
     if "event_recurs" in s:
         print(f"the drop-off {'recurs' if s['event_recurs'] else 'does not recur'} in the replay")
-    print(f"summary: {s['replay_dir']}/replay_summary.json  figure: {s['figure']}")
+    figure = shown(s["figure"]) if s["figure"] else None
+    print(f"summary: {os.path.join(where, 'replay_summary.json')}  figure: {figure}")
     return 0 if s["kind"] != "exact" or s["bitwise_equal"] else 1
 
 

@@ -523,11 +523,23 @@ def main(args: list[str], FLAGS) -> int:  # noqa: N803 - absl's name
             raise JaxreproError(str(e)) from e
         cores = result.get("options", {}).get("cores", 0)
         path = os.path.join(out, f"{name}_cores{cores}.json" if cores else f"{name}.json")
-        jsonio.write_json(path, result)
+        jsonio.write_json(path, recorded(result))
         if name == "step":
             _print_step(result)
         print(f"wrote {path}")
     return 0
+
+
+def recorded(result: dict) -> dict:
+    """The result as written: an absolute ``data_dir`` option (where this machine caches
+    the data; no part of the measurement) kept as ``.../NAME``, so results carry no
+    machine's path."""
+    opts = result.get("options") or {}
+    data_dir = opts.get("data_dir")
+    if isinstance(data_dir, str) and os.path.isabs(data_dir):
+        name = os.path.basename(os.path.normpath(data_dir))
+        return dict(result, options=dict(opts, data_dir=f".../{name}"))
+    return result
 
 
 def _jobs(sub: str, words: list[str]):

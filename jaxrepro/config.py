@@ -30,6 +30,10 @@ DTYPES = ("float32", "bfloat16")
 # Fields that may differ between a workdir's stored config and a resuming one, because
 # they do not change the trajectory (where data is cached, how often we print).
 NON_SEMANTIC_FIELDS = ("data.data_dir", "runtime", "checkpoint", "dropoff")
+# Fields added after configs were first stored, with the value that gives the earlier
+# behaviour: a stored config.json / study.json without one means that value, so an
+# earlier run still resumes, replays and compares as the same config.
+ADDED_FIELDS = {"model.dropout_rate": 0.0}
 
 
 def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -119,8 +123,12 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def diff(stored: dict, current: dict, ignore: Iterable[str] = NON_SEMANTIC_FIELDS) -> list[str]:
-    """Dotted names of fields whose values differ (missing on one side counts)."""
+    """Dotted names of fields whose values differ (missing on one side counts, but for
+    an ``ADDED_FIELDS`` field, whose absence means its earlier value)."""
     a, b = _flatten(stored), _flatten(current)
+    for flat in (a, b):
+        for k, v in ADDED_FIELDS.items():
+            flat.setdefault(k, v)
     ignore = tuple(ignore)
 
     def ignored(k):
@@ -207,6 +215,7 @@ def validate(config) -> None:
     _choice(config, "model.bn_impl", models.BN_IMPLS)
     _choice(config, "model.dtype", DTYPES)
     _positive_int(config, "model.width", allow_none=True)
+    _number(config, "model.dropout_rate", lo=0, hi=1, hi_open=True)
     _validate_data(config)
     _validate_optimizer(config)
     for phase in rng.PHASES:
@@ -245,6 +254,15 @@ def _validate_parallel(config):
     _check_type(_require(config, "determinism.portable"), bool, "determinism.portable")
     groups = _positive_int(config, "determinism.groups")
     if config.determinism.device_invariant:
+        # The grouped forward (invariant/grouped_model.py) has no dropout: refused rather
+        # than silently trained without it.
+        _check(
+            config.model.dropout_rate == 0,
+            "model.dropout_rate",
+            f"{config.model.dropout_rate} > 0 is not supported with "
+            "determinism.device_invariant=True (the device-invariant step has no dropout); "
+            "set model.dropout_rate=0 or determinism.device_invariant=False",
+        )
         for phase in rng.PHASES:
             _check(
                 config[phase].batch_size % groups == 0,
@@ -344,6 +362,9 @@ def base() -> ml_collections.ConfigDict:
     # 1-2 CPU cores (results/bench/NOTES.md); 'flax': JAX differentiates the plain formula.
     c.model.bn_impl = "fused"
     c.model.dtype = "float32"
+    # Dropout on the pooled features before the classifier, in training only; its mask
+    # is drawn from the 'dropout' seed's key of the step. 0: no dropout op at all.
+    c.model.dropout_rate = 0.0
 
     c.data = ml_collections.ConfigDict()
     c.data.data_dir = config_dict.placeholder(

@@ -123,7 +123,8 @@ def replay(
     (jaxrepro.machine): where they differ, bitwise equality cannot be expected and the
     replay is refused unless ``force``; the summary records the comparison.
 
-    Returns the summary also written to ``replays/NAME/replay_summary.json``.
+    Returns the summary also written to ``replays/NAME/replay_summary.json`` (there with
+    its paths ``run``, ``replay_dir`` and ``figure`` relative to the replay's directory).
     """
     p = plan(run_dir, dropoff=dropoff, from_step=from_step, steps=steps, window=window)
     ws, config, start = p["ws"], p["config"], p["start"]
@@ -158,8 +159,9 @@ def replay(
         step=start,
         until=p["until"],
         skip_batches=int(skip_batches),
+        # The run, seen from the branch (always RUN/replays/NAME): no machine's path.
         info={
-            "run": ws.path,
+            "run": os.path.relpath(ws.path, out),
             "dropoff": dropoff,
             "overrides": applied,
             "platform_check": platform_check,
@@ -196,8 +198,18 @@ def replay(
     if p["event"] is not None:
         summary["event_recurs"] = _recurs(p["event"], dropoff_lib.load_dropoffs(out))
     summary["figure"] = _figure(ws, out, summary)
-    jsonio.write_json(os.path.join(out, "replay_summary.json"), summary)
+    jsonio.write_json(os.path.join(out, "replay_summary.json"), _relative_paths(summary, out))
     return summary
+
+
+def _relative_paths(summary: dict, out: str) -> dict:
+    """The summary as written: its paths relative to the replay's directory ``out``, so the
+    file holds no absolute path of this machine and stays right when the run is moved."""
+    written = dict(summary)
+    for key in ("run", "replay_dir", "figure"):
+        if written.get(key):
+            written[key] = os.path.relpath(written[key], out)
+    return written
 
 
 def _recurs(event: dict, replay_events: list[dict], slack: int = 10) -> bool:

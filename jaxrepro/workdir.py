@@ -21,6 +21,17 @@ from jaxrepro.errors import WorkdirError
 STATUSES = ("running", "done", "diverged", "failed")
 
 
+def shown(path: str) -> str:
+    """``path`` for a log line: relative to the current directory when inside it.
+
+    A study's runs log where they are; their logs are kept with the results, and must
+    not carry the absolute path of the machine the study ran on.
+    """
+    path = os.path.abspath(path)
+    rel = os.path.relpath(path)
+    return path if rel == ".." or rel.startswith(".." + os.sep) else rel
+
+
 class Workdir:
     def __init__(self, path: str):
         self.path = os.path.abspath(path)

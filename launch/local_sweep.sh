@@ -5,7 +5,8 @@
 #
 # JOBS_TXT has one shell command per line (`jaxrepro study ... --jobs_only` writes it; blank
 # lines and lines starting with # are skipped). Each job runs in a shell of its own; a failed
-# job is reported and the others go on; the exit status is 1 if any failed.
+# job is reported and the others go on; the exit status is 1 if any failed. Jobs run in the
+# directory of JOBS_TXT: `jaxrepro study` writes their paths relative to it.
 # SIGTERM/SIGINT to this script reach every running job: each checkpoints and exits, and
 # running the same command again resumes them (finished runs do nothing).
 set -uo pipefail
@@ -24,6 +25,9 @@ if ! [[ "$N" =~ ^[1-9][0-9]*$ ]]; then
   echo "local_sweep: N must be a positive integer, got '$N'" >&2
   exit 2
 fi
+
+JOBS="$(cd "$(dirname -- "$JOBS")" && pwd)/$(basename -- "$JOBS")"
+cd "$(dirname -- "$JOBS")" || exit 2
 
 # Forward a stop to the whole process group (xargs and every job), then wait for them.
 trap 'trap - TERM INT; kill -TERM 0 2>/dev/null; wait; exit 143' TERM INT

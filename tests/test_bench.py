@@ -192,3 +192,14 @@ def test_bench_startup_cold_then_warm(data_dir):
 def test_bench_memory_refuses_an_empty_list():
     with pytest.raises(ValueError, match="configs"):
         bench_runs.bench_memory({"configs": "", "data_dir": ""})
+
+
+def test_recorded_results_hold_no_absolute_data_dir(tmp_path):
+    data = str(tmp_path / "cache" / "tfds")
+    result = {"kind": "startup", "options": {"data_dir": data, "runs": 2}, "results": {}}
+    written = bench.recorded(result)
+    assert written["options"] == {"data_dir": ".../tfds", "runs": 2}
+    assert str(tmp_path) not in json.dumps(written)
+    assert result["options"]["data_dir"] == data  # the caller's dict is left alone
+    relative = {"options": {"data_dir": "data/tfds"}}
+    assert bench.recorded(relative) == relative

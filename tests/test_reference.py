@@ -238,6 +238,9 @@ def test_main_from_flags_and_refusals(pair, data_dir, tmp_path, capsys):
         reference.run(pair.config, str(pair.jax))
     with pytest.raises(ConfigError, match="float32 only"):
         reference.run(_config(data_dir, **{"model.dtype": "bfloat16"}), str(tmp_path / "bf16"))
+    with pytest.raises(ConfigError, match="model.dropout_rate: the PyTorch reference does not"):
+        reference.run(_config(data_dir, **{"model.dropout_rate": 0.1}), str(tmp_path / "drop"))
+    assert not (tmp_path / "drop").exists()  # refused before anything was written
 
 
 def test_run_setup_writes_nothing(pair, tmp_path, monkeypatch):

@@ -126,7 +126,8 @@ def test_plan_runs_designs(data_dir):
     ]
     assert oat[5].overrides == (("seeds.aug", "0"), ("seeds.data", "2"))
     assert len(study.plan_runs(config, study.make_spec("aug*data*init", "0-1"))) == 8
-    assert len(study.plan_runs(config, study.make_spec("all", "0-1"))) == 6  # 5 factors x 2 - 4
+    # 'all' of a model without dropout: 4 factors x 2 seeds - 3 repeats of the base run
+    assert len(study.plan_runs(config, study.make_spec("all", "0-1", config=config))) == 5
     grid = study.plan_runs(config, study.make_spec("aug", "0-1", ["data.augment.crop.padding=4,3"]))
     assert [(r.point, r.seeds) for r in grid] == [
         ("data.augment.crop.padding=4", {"aug": 0}),
@@ -149,8 +150,14 @@ def test_jobs_only_writes_jobs_and_runs_nothing(data_dir, tmp_path):
     res = study.run_study(config, out, vary="aug", seeds="3-5", jobs_only=True)
     lines = open(res["jobs"]).read().splitlines()
     assert res["runs"] == ["aug3", "aug4", "aug5"] and len(lines) == 3
-    assert f"--workdir={out}/runs/aug4" in lines[1] and "--config.seeds.aug=4" in lines[1]
-    assert lines[1].endswith(f">> {out}/logs/aug4.txt 2>&1")
+    # paths relative to OUT: no absolute path of the machine (nor of this temp dir)
+    assert " --workdir=runs/aug4 " in lines[1] and "--config.seeds.aug=4" in lines[1]
+    assert " --config=study_config.py " in lines[1]
+    assert lines[1].endswith(" >> logs/aug4.txt 2>&1")
+    python = lines[1].split()[0]
+    assert not os.path.isabs(python)
+    assert os.path.samefile(os.path.join(out, python), sys.executable)
+    assert str(tmp_path) not in open(res["jobs"]).read()
     assert os.listdir(os.path.join(out, "runs")) == []
     assert not os.path.exists(os.path.join(out, "summary.json"))
     # The generated config file gives back the exact base config, overrides included.
@@ -481,6 +488,24 @@ def test_study_figures_report_and_statistics(real_study):
     assert summary["environment"]["libraries"]["jax"]
 
 
+def test_study_outputs_hold_no_absolute_path_of_their_directory(real_study):
+    """What the study writes names its files relative to OUT (or the replay's directory):
+    results can be committed and moved, and carry no path of the machine they ran on."""
+    out, summary, *_ = real_study
+    replay = os.path.join(out, "runs", summary["replay"]["run"], "replays", "study_largest")
+    files = [os.path.join(out, n) for n in ("summary.json", "report.md", "jobs.txt")]
+    files += [os.path.join(replay, n) for n in ("replay_summary.json", "run.json")]
+    root = os.path.dirname(out)  # the temp dir the study ran in
+    for path in files:
+        text = open(path).read()
+        assert root not in text and os.path.realpath(root) not in text, path
+    written = jsonio.read_json(os.path.join(replay, "replay_summary.json"))
+    assert written["run"] == os.path.join("..", "..") and written["replay_dir"] == "."
+    assert written["figure"] == "replay_overlay.png"
+    assert os.path.isfile(os.path.join(replay, written["figure"]))
+    assert jsonio.read_json(os.path.join(replay, "run.json"))["replay"]["run"] == written["run"]
+
+
 def test_study_replays_its_largest_dropoff_exactly(real_study):
     out, summary, *_ = real_study
     events = {
@@ -618,3 +643,14 @@ def test_keep_checkpoints_dropoffs_prunes_all_but_the_replayable(real_study, dat
         for i, e in enumerate(events):  # every drop-off can still be replayed
             if any(s < e["step"] for s in steps):
                 assert replay.plan(workdir, dropoff=i)["start"] < e["step"]
+
+
+def test_log_paths_are_shown_relative_inside_the_current_directory(tmp_path, monkeypatch):
+    from jaxrepro.workdir import shown
+
+    monkeypatch.chdir(tmp_path)
+    assert shown(str(tmp_path / "runs" / "a")) == os.path.join("runs", "a")
+    assert shown("runs/a") == os.path.join("runs", "a")
+    assert shown(str(tmp_path)) == "."
+    outside = os.path.dirname(str(tmp_path))
+    assert shown(outside) == outside  # not ../..: an absolute path outside stays as it is

@@ -287,3 +287,91 @@ def test_save_and_load_flax(tmp_path):
     (out / "variables.npz").write_bytes(data[: len(data) // 2])
     with pytest.raises(PortError, match="corrupt"):
         torch_port.load_flax(out)
+
+
+def _imported(importtime_stderr: str) -> set[str]:
+    """Top-level packages a process imported, from its PYTHONPROFILEIMPORTTIME lines."""
+    names = set()
+    for line in importtime_stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            names.add(line.rsplit("|", 1)[1].strip().split(".")[0])
+    return names
+
+
+def test_port_cli_then_train_from_the_ported_weights(data_dir, tmp_path):
+    """`jaxrepro port` a torchvision-layout file, then `jaxrepro train --config.init_from`:
+    the run starts from the ported weights bit for bit, trains, and never imports torch."""
+    from helpers import TINY_FLAGS
+    from test_cli_errors import cli
+
+    from jaxrepro import hashing
+    from jaxrepro.checkpoints import Checkpoints
+    from jaxrepro.workdir import Workdir
+
+    model = _randomise(torch_resnet.build("resnet_tiny", NUM_CLASSES, stem="cifar"), 3)
+    torch.save(model.state_dict(), tmp_path / "tiny.pt")
+    want = torch_port.torch_to_flax(model.state_dict(), "resnet_tiny")  # computed here
+    # Imports listed on stderr; the session's compile cache (programs the in-process
+    # tests of the same tiny config compiled already).
+    env = {
+        "PYTHONPROFILEIMPORTTIME": "1",
+        "JAXREPRO_COMPILE_CACHE": "1",
+        "JAXREPRO_COMPILE_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+    }
+    port = tmp_path / "ported"
+    r = cli("port", "--arch=resnet_tiny", f"--torch={tmp_path / 'tiny.pt'}", f"--out={port}",
+            env_extra=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "torch" in _imported(r.stderr)  # the port needs torch (and the check sees it)
+    workdir = tmp_path / "run"
+    r = cli("train", *TINY_FLAGS, f"--config.data.data_dir={data_dir}", f"--workdir={workdir}",
+            f"--config.init_from={port}", "--config.pretrain.steps=2", "--config.finetune.steps=0",
+            env_extra=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    imported = _imported(r.stderr)
+    assert "jaxrepro" in imported and "torch" not in imported
+    info = Workdir(str(workdir)).read_run()
+    assert info["status"] == "done" and info["step"] == 2
+    ckpts = Checkpoints(str(workdir / "checkpoints"), read_only=True)
+    try:
+        assert ckpts.steps() == [0, 2]
+        start, end = ckpts.arrays(0), ckpts.arrays(2)
+    finally:
+        ckpts.close()
+    # Every ported array, the head included (10 classes, as the config's pretrain data):
+    # load_pretrained keeps the model's own head only when the shapes differ.
+    for collection in ("params", "batch_stats"):
+        for path, value in torch_port._flatten(want[collection]).items():
+            key = "/".join((collection, *path))
+            assert start[key].dtype == value.dtype and start[key].tobytes() == value.tobytes(), key
+    assert info["init_param_hash"] == hashing.tree_hash(want["params"])
+    # it trained from there: every parameter array moved, the losses are finite
+    moved = [k for k in start if k.startswith("params/") and not np.array_equal(start[k], end[k])]
+    assert len(moved) == len(torch_port._flatten(want["params"]))
+    losses = [row["loss"] for row in Workdir(str(workdir)).metrics() if row["kind"] == "train"]
+    assert len(losses) == 2 and np.all(np.isfinite(losses))
+
+
+def test_init_from_keeps_the_models_head_for_another_label_set(data_dir, tmp_path):
+    from helpers import tiny_digits
+
+    from jaxrepro import ported
+    from jaxrepro.train import state as state_lib
+
+    model = _randomise(torch_resnet.build("resnet_tiny", 7, stem="cifar"), 4)
+    want = torch_port.torch_to_flax(model.state_dict(), "resnet_tiny")
+    ported.write(want, "resnet_tiny", tmp_path / "p7")
+    config = tiny_digits(data_dir, init_from=str(tmp_path / "p7"))
+    module = state_lib.build_module(config, 10, "lax")
+    params, stats = models.init_variables(module, jax.random.key(0), 16)
+    got, got_stats = state_lib.load_pretrained(config, params, stats)
+    assert np.array_equal(got["fc"]["kernel"], params["fc"]["kernel"])  # the model's own head
+    assert np.array_equal(got["fc"]["bias"], params["fc"]["bias"])
+    for path, value in torch_port._flatten(want["params"]).items():
+        if path[0] != "fc":
+            node = got
+            for k in path:
+                node = node[k]
+            assert np.asarray(node).tobytes() == value.tobytes(), path
+    stats_want = want["batch_stats"]["bn1"]["var"]
+    assert np.asarray(got_stats["bn1"]["var"]).tobytes() == stats_want.tobytes()

@@ -309,6 +309,13 @@ def _check_config(config) -> None:
             f"config field model.dtype: the PyTorch reference trains in float32 only, got "
             f"{config.model.dtype!r} (compare a float32 JAX run)"
         )
+    if config.model.dropout_rate > 0:
+        # The torch ResNet has no dropout, and its masks would not be the engine's draws.
+        raise ConfigError(
+            f"config field model.dropout_rate: the PyTorch reference does not support "
+            f"dropout, got {config.model.dropout_rate} (compare a run with "
+            "model.dropout_rate=0)"
+        )
 
 
 def _run_info(config, runner, trainer, threads) -> dict:
@@ -344,7 +351,8 @@ def run(config, workdir: str) -> dict:
     """Trains the PyTorch reference of ``config`` in ``workdir``; returns run.json's content.
 
     Raises:
-      ConfigError: for an invalid config, or one the reference cannot mirror (not float32).
+      ConfigError: for an invalid config, or one the reference cannot mirror (not float32,
+        or with dropout).
       WorkdirError: if ``workdir`` holds another config or a JAX run.
     """
     rng.configure()

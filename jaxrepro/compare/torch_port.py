@@ -19,10 +19,8 @@ are read from the weights when not given.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
-import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,12 +28,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from jaxrepro import ported
 from jaxrepro.compare import torch_resnet
-from jaxrepro.errors import JaxreproError
+from jaxrepro.ported import FORMAT, PortError
 
-FORMAT = "jaxrepro.ported/1"
-_META_FILE = "meta.json"
-_ARRAYS_FILE = "variables.npz"
+__all__ = [
+    "FORMAT", "PortError", "flax_to_torch", "load_flax", "load_torch_file",
+    "normalize_state_dict", "save_flax", "torch_to_flax",
+]  # fmt: skip
+
 _BN_FIELDS = {
     "weight": ("params", "scale"),
     "bias": ("params", "bias"),
@@ -44,10 +45,6 @@ _BN_FIELDS = {
 }
 _WRAPPER_KEYS = ("state_dict", "model")
 _LIST_LIMIT = 25
-
-
-class PortError(JaxreproError, ValueError):
-    """A checkpoint that cannot be ported: unreadable, refused, or of another architecture."""
 
 
 def _flax_location(torch_key: str) -> tuple[str, tuple[str, ...]] | None:
@@ -212,23 +209,8 @@ def torch_to_flax(
     return variables
 
 
-def _flatten(tree, prefix=()) -> dict[tuple[str, ...], object]:
-    flat = {}
-    for name, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, (*prefix, name)))
-        else:
-            flat[(*prefix, name)] = value
-    return flat
-
-
-def _infer_from_flax(flat) -> tuple[int, int | None, str]:
-    fc_bias = flat.get(("params", "fc", "bias"))
-    kernel = flat.get(("params", "conv1", "kernel"))
-    num_classes = int(np.shape(fc_bias)[0]) if fc_bias is not None else 1000
-    width = int(np.shape(kernel)[-1]) if kernel is not None else None
-    stem = "cifar" if kernel is not None and np.shape(kernel)[0] == 3 else "imagenet"
-    return num_classes, width, stem
+_flatten = ported.flatten
+_infer_from_flax = ported.infer_fields
 
 
 def flax_to_torch(
@@ -332,64 +314,20 @@ def save_flax(
 
     The arrays are checked against ``arch`` first. ``meta.json`` records the format, arch,
     num_classes, width and stem (what ``jaxrepro.models.build`` needs) plus ``info``
-    (e.g. ``source='resnet50.pth'``).
+    (e.g. ``source='resnet50.pth'``). See ``jaxrepro.ported.write``.
 
     Raises:
       PortError: if the variables do not fit ``arch``.
       FileExistsError: if ``out_dir`` already holds files and ``overwrite`` is False.
     """
-    flax_to_torch(variables, arch)  # validates names and shapes against arch
-    flat = _flatten({c: variables[c] for c in ("params", "batch_stats")})
-    num_classes, width, stem = _infer_from_flax(flat)
-    out = Path(out_dir)
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} is not empty; pass overwrite=True to replace it")
-    out.mkdir(parents=True, exist_ok=True)
-    arrays = {"/".join(p): np.asarray(v, dtype=np.float32) for p, v in flat.items()}
-    with open(out / (_ARRAYS_FILE + ".tmp"), "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(out / (_ARRAYS_FILE + ".tmp"), out / _ARRAYS_FILE)
-    meta = dict(info, format=FORMAT, arch=arch, num_classes=num_classes, width=width, stem=stem)
-    (out / _META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return out
+    return ported.write(variables, arch, out_dir, overwrite=overwrite, **info)
 
 
 def load_flax(in_dir: str | os.PathLike) -> tuple[dict[str, dict], dict]:
-    """Reads what ``save_flax`` wrote.
+    """Reads what ``save_flax`` wrote (``jaxrepro.ported.load``: no torch needed).
 
     Returns:
       ``(variables, meta)``: variables as nested dicts of NumPy arrays, and the meta dict
       (``arch``, ``num_classes``, ``width``, ``stem``, ...) for ``jaxrepro.models.build``.
-
-    Raises:
-      FileNotFoundError: if a file is missing.
-      PortError: if the files are corrupt or the arrays do not fit the recorded arch.
     """
-    in_dir = Path(in_dir)
-    for name in (_META_FILE, _ARRAYS_FILE):
-        if not (in_dir / name).is_file():
-            raise FileNotFoundError(f"{in_dir} is not a ported checkpoint: no {name}")
-    try:
-        meta = json.loads((in_dir / _META_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise PortError(f"corrupt {in_dir / _META_FILE}: {e}") from None
-    if meta.get("format") != FORMAT or meta.get("arch") not in torch_resnet.ARCHS:
-        raise PortError(f"{in_dir / _META_FILE}: unknown format or arch: {meta}")
-    variables: dict[str, dict] = {}
-    try:
-        with np.load(in_dir / _ARRAYS_FILE, allow_pickle=False) as npz:
-            for key in npz.files:
-                *path, leaf = key.split("/")
-                node = variables
-                for name in path:
-                    node = node.setdefault(name, {})
-                node[leaf] = npz[key]
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise PortError(f"corrupt {in_dir / _ARRAYS_FILE}: {e}") from None
-    flax_to_torch(variables, meta["arch"])  # validates against the recorded arch
-    fields = ("num_classes", "width", "stem")
-    inferred = dict(zip(fields, _infer_from_flax(_flatten(variables)), strict=True))
-    wrong = {k: (meta.get(k), v) for k, v in inferred.items() if meta.get(k) != v}
-    if wrong:
-        raise PortError(f"{in_dir}: meta.json disagrees with the arrays (meta, arrays): {wrong}")
-    return variables, meta
+    return ported.load(in_dir)

@@ -155,6 +155,12 @@ def check_module(module) -> ResNet:
         raise ValueError(f"unsupported ResNet block {module.block_cls!r}")
     if module.stem not in ("imagenet", "cifar"):
         raise ValueError(f"unknown stem {module.stem!r}")
+    if module.dropout_rate > 0:
+        # A grouped forward without it would train another model than the plain step.
+        raise ValueError(
+            f"device-invariant mode has no dropout; the module has dropout_rate="
+            f"{module.dropout_rate} (use dropout_rate=0, or the plain step)"
+        )
     return module
 
 

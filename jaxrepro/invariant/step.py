@@ -118,7 +118,8 @@ def invariant_train_step(
     and ``axis_name`` (the mesh axis, None when one device runs all G groups outside a
     mesh). ``batch`` holds this device's B/D examples.
     """
-    del dropout_root  # ResNets have no dropout; the key is threaded for models that do
+    # No dropout here: grouped_model.check_module refuses a module with dropout_rate > 0.
+    del dropout_root
     if policy not in POLICIES:
         raise ValueError(f"unknown nonfinite policy {policy!r}; valid: {', '.join(POLICIES)}")
     devices = 1 if axis_name is None else jax.lax.axis_size(axis_name)

@@ -77,6 +77,7 @@ def build(
     width: int | None = None,
     bn_impl: str = "flax",
     contract_chunk: int = 0,
+    dropout_rate: float = 0.0,
 ) -> ResNet:
     """Builds a ResNet by name.
 
@@ -93,6 +94,8 @@ def build(
       bn_impl: 'flax' (autodiff BatchNorm) or 'fused' (custom_vjp backward).
       contract_chunk: contract matmuls in chunks of at most this many terms, added in
         order (portable CPU mode; needs conv_impl 'matmul'); 0: plain matmuls.
+      dropout_rate: dropout before ``fc`` in train mode, in [0, 1); training then needs
+        ``apply(..., rngs={'dropout': key})``. 0: no dropout op.
 
     Returns:
       The (unbound) Flax module. ``apply(variables, images_nhwc, train=...)`` gives logits.
@@ -109,6 +112,10 @@ def build(
         raise ValueError(
             f"contract_chunk={contract_chunk} needs conv_impl 'matmul' and a positive chunk"
         )
+    if isinstance(dropout_rate, bool) or not isinstance(dropout_rate, int | float):
+        raise ValueError(f"dropout_rate must be a number, got {dropout_rate!r}")
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
     return ResNet(
         stage_sizes=stages,
         block_cls=block_cls,
@@ -121,6 +128,7 @@ def build(
         bn_impl=_choice("bn_impl", bn_impl, BN_IMPLS),
         dtype=_dtype(dtype),
         contract_chunk=contract_chunk,
+        dropout_rate=float(dropout_rate),
     )
 
 

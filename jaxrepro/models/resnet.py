@@ -118,6 +118,9 @@ class ResNet(nn.Module):
       dtype: compute dtype; parameters stay float32, logits are returned in float32.
       contract_chunk: matmuls contract at most this many terms at a time, summed in order
         (portable CPU mode, contract.py); 0: plain matmuls.
+      dropout_rate: dropout on the pooled features, before ``fc``, in train mode only
+        (the key is ``apply``'s ``'dropout'`` rng). 0: no dropout op at all, so the
+        program is the one without the option.
     """
 
     stage_sizes: tuple[int, ...]
@@ -131,6 +134,7 @@ class ResNet(nn.Module):
     bn_impl: str = "flax"
     dtype: jnp.dtype = jnp.float32
     contract_chunk: int = 0
+    dropout_rate: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
@@ -152,6 +156,8 @@ class ResNet(nn.Module):
         features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         if return_features:
             return features
+        if self.dropout_rate > 0:  # parameter-free: the parameter tree is the same
+            features = nn.Dropout(self.dropout_rate, name="dropout")(features, not train)
         head = Head(self.num_classes, dtype=self.dtype, chunk=self.contract_chunk, name="fc")
         logits = head(features)
         return logits.astype(jnp.float32)

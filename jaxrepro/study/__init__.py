@@ -5,16 +5,19 @@ r"""Seed studies: one run per seed of the varied factor(s), then statistics and 
 * ``--vary=aug``: one run per seed, every other factor held at its base seed.
   ``--vary=aug,data`` (or ``all``): one factor at a time, the others held fixed (the
   design of Bouthillier et al. 2021); ``--vary=aug*data``: the full grid of seeds.
+  ``dropout`` is a factor only for a model with ``model.dropout_rate > 0``: ``all``
+  leaves it out otherwise, and naming it is refused before anything runs.
 * ``--grid=data.augment.crop.padding=4,3`` (repeatable: the product): every grid point
   runs with every seed, so a study can hold the seeds fixed and vary the config.
 
 Each run is a separate ``jaxrepro train`` process (a local pool of ``--parallel``), into
-``OUT/runs/NAME``; ``OUT/jobs.txt`` holds one shell command per run (``--jobs_only``
-writes it and stops, for a cluster). The base config, with every override the user gave,
-is ``OUT/study_config.json``, loaded by the generated ``OUT/study_config.py``. A study
-restarted with the same arguments skips its finished runs; an ``--out`` that holds another
-study is refused. Then: statistics, attribution of drop-offs, figures, an exact replay of
-the largest drop-off, ``OUT/report.md`` and ``OUT/summary.json``.
+``OUT/runs/NAME``; ``OUT/jobs.txt`` holds one shell command per run, its paths relative
+to OUT (``--jobs_only`` writes it and stops, for a cluster). The base config, with every
+override the user gave, is ``OUT/study_config.json``, loaded by the generated
+``OUT/study_config.py``. A study restarted with the same arguments skips its finished runs;
+an ``--out`` that holds another study is refused. Then: statistics, attribution of
+drop-offs, figures, an exact replay of the largest drop-off, ``OUT/report.md`` and
+``OUT/summary.json``.
 """
 
 from __future__ import annotations
@@ -163,8 +166,8 @@ def run_study(
     if not out:
         raise ConfigError("--out is required: the study's directory")
     out = os.path.abspath(out)
-    spec = make_spec(vary, seeds, grid)
     config_lib.validate(config)
+    spec = make_spec(vary, seeds, grid, config)
     runs = plan_runs(config, spec)
     prepare_out(config, spec, runs, out)
     jobs = write_jobs(out, runs, python)
@@ -250,7 +253,17 @@ def prune_checkpoints(out: str, runs) -> dict:
 
 
 def _command_line() -> str:
-    return "python -m jaxrepro " + shlex.join(sys.argv[1:])
+    """The command as typed, for the report; an absolute path in a flag is shown relative
+    to the current directory when inside it (no machine's path in the results)."""
+    from jaxrepro.workdir import shown
+
+    args = []
+    for arg in sys.argv[1:]:
+        flag, eq, value = arg.partition("=")
+        if eq and os.path.isabs(value):
+            arg = f"{flag}={shown(value)}"
+        args.append(arg)
+    return "python -m jaxrepro " + shlex.join(args)
 
 
 def _platform_check(config, out: str, finished: list[Run], force: bool) -> dict:

@@ -2,7 +2,7 @@
 
 OUT/study.json     what the study varies and its base config (its identity)
 OUT/study_config.* the base config, every override included, for the runs' --config
-OUT/jobs.txt       one shell command per run
+OUT/jobs.txt       one shell command per run, its paths relative to OUT (run it from OUT)
 OUT/runs/NAME/     each run's workdir; OUT/logs/NAME.txt its output
 """
 
@@ -75,8 +75,11 @@ class Run:
 # ----------------------------------------------------------------------------- parsing
 
 
-def parse_vary(text) -> tuple[tuple[str, ...], str]:
+def parse_vary(text, dropout: bool = True) -> tuple[tuple[str, ...], str]:
     """``aug`` | ``aug,data`` | ``all`` (one at a time) | ``aug*data`` (grid).
+
+    ``dropout=False`` (a model without dropout) leaves 'dropout' out of ``all``: its seed
+    would change nothing.
 
     Returns:
         ``(factors, design)`` with design 'oat' or 'grid'.
@@ -85,7 +88,7 @@ def parse_vary(text) -> tuple[tuple[str, ...], str]:
         raise ConfigError("--vary is required: a factor (aug), a list (aug,data), all, or aug*data")
     text = str(text).strip()
     if text == "all":
-        return rng.FACTORS, "oat"
+        return tuple(f for f in rng.FACTORS if dropout or f != "dropout"), "oat"
     if "*" in text and "," in text:
         raise ConfigError(f"--vary={text!r}: use ',' (one at a time) or '*' (grid), not both")
     sep = "*" if "*" in text else ","
@@ -167,9 +170,18 @@ def parse_grid(items) -> tuple[tuple[str, tuple[str, ...]], ...]:
     return tuple(grid)
 
 
-def make_spec(vary, seeds, grid=()) -> Spec:
-    """Parses the study's arguments into a :class:`Spec` (ConfigError on bad input)."""
-    factors, design = parse_vary(vary)
+def has_dropout(config) -> bool:
+    """Whether the config's model drops out (else the 'dropout' seed changes nothing)."""
+    return config.model.dropout_rate > 0
+
+
+def make_spec(vary, seeds, grid=(), config=None) -> Spec:
+    """Parses the study's arguments into a :class:`Spec` (ConfigError on bad input).
+
+    With ``config`` (the base config), ``--vary=all`` leaves out 'dropout' when the model
+    has no dropout; ``plan_runs`` refuses a study that names it then.
+    """
+    factors, design = parse_vary(vary, dropout=config is None or has_dropout(config))
     spec = Spec(factors, design, parse_seeds(seeds), parse_grid(grid))
     for key, _ in spec.grid:
         if key.startswith("seeds.") and key.split(".", 1)[1] in factors:
@@ -214,10 +226,17 @@ def plan_runs(config, spec: Spec) -> list[Run]:
         checked = copy_config(config)
         for k, v in point_overrides:
             config_lib.apply_override(checked, k, v)
+        where = f"grid point {point}: " if spec.grid else ""
         try:
             config_lib.validate(checked)
         except ConfigError as e:
-            raise ConfigError(f"grid point {point}: {e}") from e
+            raise ConfigError(f"{where}{e}") from e
+        if "dropout" in spec.factors and not has_dropout(checked):
+            raise ConfigError(
+                f"{where}--vary includes 'dropout' but model.dropout_rate is 0: the model has "
+                "no dropout, so every dropout seed would train the same run; set "
+                "--config.model.dropout_rate (> 0) or leave dropout out of --vary"
+            )
         # Held-fixed seeds come from the point's config (a grid may set seed or seeds.*).
         for combo in _seed_combos(spec, rng.resolve_seeds(checked)):
             label = "-".join(f"{f}{combo[f]}" for f in spec.factors)
@@ -281,16 +300,21 @@ def prepare_out(config, spec: Spec, runs: list[Run], out: str) -> bool:
     return restart
 
 
-def job_argv(out: str, run: Run, python: str | None = None) -> list[str]:
-    """The ``jaxrepro train`` command line of one run."""
+def job_argv(out: str, run: Run, python: str | None = None, base: str | None = None) -> list[str]:
+    """The ``jaxrepro train`` command line of one run; paths absolute, or relative to
+    ``base`` (jobs.txt: relative to OUT)."""
     out = os.path.abspath(out)
+
+    def path(p):
+        return p if base is None else os.path.relpath(p, base)
+
     return [
-        python or sys.executable,
+        path(os.path.abspath(python or sys.executable)),
         "-m",
         "jaxrepro",
         "train",
-        f"--config={os.path.join(out, 'study_config.py')}",
-        f"--workdir={os.path.join(out, 'runs', run.name)}",
+        f"--config={path(os.path.join(out, 'study_config.py'))}",
+        f"--workdir={path(os.path.join(out, 'runs', run.name))}",
         *(f"--config.{k}={v}" for k, v in run.overrides),
     ]
 
@@ -301,13 +325,19 @@ def log_path(out: str, run: Run) -> str:
 
 
 def write_jobs(out: str, runs: list[Run], python: str | None = None) -> str:
-    """OUT/jobs.txt: one shell line per run (``sed -n "${I}p" jobs.txt | bash``)."""
+    """OUT/jobs.txt: one shell line per run (``cd OUT; sed -n "${I}p" jobs.txt | bash``).
+
+    Every path in it (the interpreter's too) is relative to OUT: the file holds no
+    absolute path of the machine that planned the study, and stays right when the
+    study's directory moves with the interpreter beside it (a repo and its .venv).
+    """
+    out = os.path.abspath(out)
     path = os.path.join(out, "jobs.txt")
     with open(path, "w") as f:
         for r in runs:
-            f.write(
-                f"{shlex.join(job_argv(out, r, python))} >> {shlex.quote(log_path(out, r))} 2>&1\n"
-            )
+            argv = shlex.join(job_argv(out, r, python, base=out))
+            log = shlex.quote(os.path.relpath(log_path(out, r), out))
+            f.write(f"{argv} >> {log} 2>&1\n")
     return path
 
 

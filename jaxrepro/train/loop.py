@@ -36,7 +36,7 @@ from jaxrepro.train.evaluation import Evaluator
 from jaxrepro.train.programs import Programs
 from jaxrepro.train.record import Record
 from jaxrepro.train.setup import Origin, RunSetup
-from jaxrepro.workdir import Workdir
+from jaxrepro.workdir import Workdir, shown
 
 log = logging.getLogger("jaxrepro")
 
@@ -104,7 +104,7 @@ def run(
     resuming = _claim(ws, claimed)
     run_info = ws.read_run()
     if resuming and run_info.get("status") in ("done", "diverged"):
-        log.info("%s: run already %s; nothing to do", ws.path, run_info["status"])
+        log.info("%s: run already %s; nothing to do", shown(ws.path), run_info["status"])
         return run_info
     training = Training(RunSetup(config, origin), ws, resuming, hooks or Hooks())
     try:
@@ -306,5 +306,5 @@ class Training:
         if self.primary:
             self.ws.update_run(**self.info)
         self.record.end_heartbeat(step, status)
-        log.info("%s: %s at step %d in %.1fs", self.ws.path, status, step, wall)
+        log.info("%s: %s at step %d in %.1fs", shown(self.ws.path), status, step, wall)
         return self.info

@@ -19,6 +19,7 @@ from jaxrepro import parallel, rng
 from jaxrepro.data import order as order_lib
 from jaxrepro.errors import ConfigError
 from jaxrepro.train import state as state_lib
+from jaxrepro.workdir import shown
 
 log = logging.getLogger("jaxrepro")
 
@@ -164,7 +165,9 @@ class RunSetup:
             )
         target = self.par.replicate(target)  # restore straight into replicated arrays
         state, meta = ckpts.restore(step, target, expect={"model": self.config.model.name})
-        log.info("restored checkpoint %d (%s) from %s", step, meta.get("phase"), ckpts.directory)
+        log.info(
+            "restored checkpoint %d (%s) from %s", step, meta.get("phase"), shown(ckpts.directory)
+        )
         return state, meta["phase"]
 
     # -- keys

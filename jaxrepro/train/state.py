@@ -58,6 +58,7 @@ def build_module(config, num_classes: int, conv_impl: str):
         dtype=m.dtype,
         width=m.width,
         contract_chunk=portable_chunk(config, conv_impl),
+        dropout_rate=m.dropout_rate,
     )
 
 
@@ -89,15 +90,16 @@ def load_pretrained(config, params, batch_stats):
     """Replaces initialised weights by a ported checkpoint (``jaxrepro port``) when configured.
 
     The backbone must match the configured architecture exactly; the classifier is taken
-    over only if its shape fits (else the freshly initialised one is kept).
+    over only if its shape fits (else the freshly initialised one is kept). Reading the
+    directory needs NumPy only (``jaxrepro.ported``), not torch.
     """
     if not config.init_from:
         return params, batch_stats
-    from jaxrepro.compare import torch_port
+    from jaxrepro import ported
     from jaxrepro.errors import CheckpointError
 
     try:
-        variables, meta = torch_port.load_flax(config.init_from)
+        variables, meta = ported.load(config.init_from)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"init_from={config.init_from!r}: {e}") from e
     if meta.get("arch") != config.model.name:

@@ -1,8 +1,9 @@
 """The pure train and eval steps.
 
 ``train_step(state, batch, aug_root, dropout_root) -> (state, metrics)`` is a pure function
-of its arguments: augmentation keys are derived inside from (root, epoch, example id), so
-the step needs no key in the state and a resumed run draws the same numbers.
+of its arguments: augmentation keys are derived inside from (root, epoch, example id), and
+the dropout key from (root, step), so the step needs no key in the state and a resumed run
+draws the same numbers.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import optax
 from flax import struct
 
+from jaxrepro import rng
 from jaxrepro.data import augment as augment_lib
 from jaxrepro.train.update import guarded_update
 
@@ -78,6 +80,19 @@ def apply_step(state, loss, grads, batch_stats, *, tx, policy: str, update_norm:
     }
 
 
+def dropout_rngs(module, dropout_root: jax.Array, step) -> dict | None:
+    """``apply``'s rngs for a train step: the step's dropout key, or None without dropout.
+
+    The key is ``rng.step_key(dropout_root, step)`` (``dropout_root`` is the phase's
+    stream of the 'dropout' seed), so the mask depends on the seed and the step alone: a
+    resumed run draws the same. Without dropout no key is made, and the program is the
+    one the step had before models had the option.
+    """
+    if getattr(module, "dropout_rate", 0.0) > 0:
+        return {"dropout": rng.step_key(dropout_root, step)}
+    return None
+
+
 def train_step(
     state: TrainState,
     batch: dict,
@@ -101,16 +116,18 @@ def train_step(
     one until the host stops the run; with 'skip' training goes on. ``update_norm=False``
     leaves out the update's norm (logged as NaN; ``jaxrepro bench step`` measures its cost).
     """
-    del dropout_root  # ResNets have no dropout; the key is threaded for models that do
     images = augment_lib.augment_batch(
         aug_root, batch["image"], batch["epoch"], batch["id"], augment_cfg
     )
     x = normalize(images, mean, std)
     labels = batch["label"]
+    rngs = dropout_rngs(module, dropout_root, state.step)
 
     def loss_fn(params):
         variables = {"params": params, "batch_stats": state.batch_stats}
-        logits, new_vars = module.apply(variables, x, train=True, mutable=["batch_stats"])
+        logits, new_vars = module.apply(
+            variables, x, train=True, mutable=["batch_stats"], rngs=rngs
+        )
         loss = _cross_entropy(logits, labels).mean()
         return loss, (logits, new_vars["batch_stats"])
 
