@@ -11,7 +11,8 @@ r"""The command line: ``jaxrepro COMMAND --flags`` (also ``python -m jaxrepro``)
     jaxrepro port     --arch=resnet50 --torch=FILE --out=DIR
     jaxrepro torch_train --config=... --workdir=DIR   (the PyTorch reference run)
     jaxrepro compare  --jax=RUN_OR_STUDY --torch=PATH --out=DIR
-    jaxrepro bench    step|startup|e2e|checkpoint|memory|all [key=value ...] [--out=results/bench]
+    jaxrepro bench    step|startup|e2e|checkpoint|memory|detector|all [key=value ...]
+                      [--out=results/bench]
 
 Errors in the user's input print one line naming the problem and exit with status 2.
 """
