@@ -41,10 +41,11 @@ step. Per phase:
 * *ramp*: the log level climbs linearly over 20-80 steps by at least ``max(log 3,
   4 s)`` (planted 1-2x that), then stays there, or (a third of them) the run diverges:
   the last row is a NaN loss (labelled as a *nonfinite* event too);
-* *collapse* (sudden or gradual): the eval accuracy level falls by at least
-  ``max(0.2, 5 sigma_e)`` and stays down; sudden: at one eval, planted 1.25x the rule
-  up to a fall to chance; gradual: linearly over 3-6 evals, planted 1.5x the rule up to
-  chance. Noise-only streams also hold single-eval dips of at most 0.3x the rule;
+* *collapse* (sudden or gradual): the eval accuracy level falls from where it was at
+  the eval before by at least ``max(0.2, 5 sigma_e)`` and stays down; sudden: at one
+  eval, planted 1.25x the rule up to a fall to chance; gradual: linearly over 3-6 evals,
+  planted 1.5x the rule up to chance. Noise-only streams also hold single-eval dips of
+  at most 0.3x the rule;
 * *nonfinite*: a NaN or Inf loss, or a row with ``finite: false``: once, a burst of
   2-5 rows, or the last row of a run that stops there.
 
@@ -315,14 +316,16 @@ def make_stream(spec: dict) -> tuple[list[dict], list[dict], dict]:
         grad = int(rng.integers(3, 7)) if cls == "collapse_gradual" else 1
         lo = collapse_rule(sigma_e) * (1.25 if grad == 1 else 1.5)
         # After 4 evals, with room for the rule's fall and for 2 evals after the collapse.
-        room_ok = [k for k in range(4, k_evals - grad - 1) if p["acc"][k] - CHANCE >= lo + 0.02]
+        room_ok = [k for k in range(4, k_evals - grad - 1) if p["acc"][k - 1] - CHANCE >= lo + 0.02]
         k0 = int(rng.choice(room_ok)) if room_ok else min(4, k_evals - grad - 2)
         if not room_ok:  # a slow riser: lift its plateau so that the fall fits above chance
-            p["acc"] = p["acc"] + (lo + 0.02 - (p["acc"][k0] - CHANCE))
-        room = p["acc"][k0] - CHANCE
-        drop = rng.uniform(lo, max(lo, room))
+            p["acc"] = p["acc"] + (lo + 0.02 - (p["acc"][k0 - 1] - CHANCE))
+        # From its level before the collapse (the curve stops rising there), down by
+        # ``drop`` at once or linearly over ``grad`` evals, and it stays down.
+        before = p["acc"][k0 - 1]
+        drop = rng.uniform(lo, max(lo, before - CHANCE))
         ramp = np.clip((np.arange(k_evals) - k0 + 1) / grad, 0.0, 1.0)
-        p["acc"] = p["acc"] - drop * ramp
+        p["acc"] = np.where(ramp > 0, before - drop * ramp, p["acc"])
         at = p["evals"][k0]
         labels.append(
             {
