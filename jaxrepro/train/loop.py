@@ -530,6 +530,9 @@ class Runner:
         self.ckpts.save(step, state, {"phase": phase_name, "model": self.config.model.name})
         c = self.config.checkpoint
         events = [e["step"] for e in self.detector.events]
+        pending = self.detector.pending_from()  # an episode not yet confirmed may begin here
+        if pending is not None:
+            events.append(pending)
         self.ckpts.retain(c.keep_last, c.keep_every, protected_steps(self.ckpts.steps(), events))
 
     def run(self, stop_after: int | None) -> dict:
