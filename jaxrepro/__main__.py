@@ -2,7 +2,7 @@ r"""The command line: ``jaxrepro COMMAND --flags`` (also ``python -m jaxrepro``)
 
     jaxrepro train    --config=configs/digits.py[:smoke] --workdir=DIR [--config.x.y=v ...]
     jaxrepro prepare  --dataset=NAME [--data_dir=DIR]
-    jaxrepro dropoffs --workdir=DIR
+    jaxrepro dropoffs --workdir=DIR [--detect [--rewrite]]
     jaxrepro replay   --workdir=RUN (--dropoff=I | --from_step=S) [--override k=v ...]
                       [--skip_batches=N] [--steps=N] [--name=NAME] [--devices=N]
     jaxrepro audit    --config=... --steps=N [--out=DIR] [--devices=8 | --devices=2,8]
@@ -12,7 +12,8 @@ r"""The command line: ``jaxrepro COMMAND --flags`` (also ``python -m jaxrepro``)
     jaxrepro port     --arch=resnet50 --torch=FILE --out=DIR
     jaxrepro torch_train --config=... --workdir=DIR   (the PyTorch reference run)
     jaxrepro compare  --jax=RUN_OR_STUDY --torch=PATH --out=DIR
-    jaxrepro bench    step|startup|e2e|checkpoint|memory|all [key=value ...] [--out=results/bench]
+    jaxrepro bench    step|startup|e2e|checkpoint|memory|detector|portable|all [key=value ...]
+                      [--out=results/bench]
     jaxrepro status   DIR [--watch [--interval=S]]   (a run or a study directory)
 
 Errors in the user's input print one line naming the problem and exit with status 2.
@@ -92,6 +93,13 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_bool("watch", False, "status: refresh until every run has ended (Ctrl-C stops).")
 flags.DEFINE_float("interval", 5.0, "status --watch: seconds between refreshes.")
+flags.DEFINE_bool(
+    "detect",
+    False,
+    "dropoffs: detect from metrics.jsonl (the run's thresholds when they are this "
+    "detector's, else the defaults) and say whether dropoffs.json has the same episodes.",
+)
+flags.DEFINE_bool("rewrite", False, "dropoffs: with --detect, replace dropoffs.json with them.")
 flags.DEFINE_string("dataset", None, "prepare: dataset name.")
 flags.DEFINE_string("data_dir", None, "prepare: TFDS data dir (default: $JAXREPRO_DATA_DIR).")
 FLAGS = flags.FLAGS
@@ -307,14 +315,27 @@ def cmd_dropoffs(argv):
     ws = Workdir(_require("workdir"))
     if not ws.exists():
         raise JaxreproError(f"{ws.path} is not a jaxrepro run (no config.json)")
+    if FLAGS.rewrite and not FLAGS.detect:
+        raise JaxreproError("--rewrite replaces dropoffs.json with what --detect finds: give both")
     events = dropoff.load_dropoffs(ws.path)
-    for i, e in enumerate(events):
+    if FLAGS.detect:
+        cfg, note = dropoff.config_for_run(ws.stored_config().get("dropoff"))
+        try:
+            found = dropoff.detect(dropoff.read_metrics(ws.path), cfg)
+        except (ValueError, FileNotFoundError) as e:
+            raise JaxreproError(str(e)) from e
+        same = dropoff.same_episodes(found, events)
         print(
-            f"{i}: step {e['step']} {e['phase']} {e['metric']} {e['kind']} "
-            f"{e['before']:.4g} -> {e['after']:.4g} (size {e['size']:.3g})"
+            f"detected from metrics.jsonl ({note}): {len(found)} episode(s), "
+            + ("the same as dropoffs.json" if same else f"dropoffs.json differs ({len(events)})")
         )
+        if FLAGS.rewrite and not same:
+            print(f"wrote {dropoff.write_dropoffs(ws.path, found)}")
+        events = found
+    for i, e in enumerate(events):
+        print(f"{i}: {dropoff.describe(e)}")
     if not events:
-        print("no drop-offs recorded")
+        print("no drop-offs recorded" if not FLAGS.detect else "no drop-offs detected")
     return 0
 
 

@@ -6,12 +6,14 @@ r"""``jaxrepro bench``: the JAX train step against PyTorch, and the costs around
     jaxrepro bench checkpoint [config=configs/digits.py rounds=4]  (save/restore, 3 layouts)
     jaxrepro bench memory  [configs=configs/digits.py:smoke,configs/digits.py]
     jaxrepro bench portable [arch=resnet50 size=32 batch=32 rounds=4 iters=8]  (vs native)
+    jaxrepro bench detector [seeds=4 sets=... labels=... record=current|baseline]
+                           (the drop-off detector on labelled streams: detector_bench.py)
     jaxrepro bench all
 
 Options are ``key=value`` words after the sub-command (absl owns ``--flags``); ``--out``
 is the output directory (default ``results/bench``). Each sub-command writes one JSON
 file there (``step.json``, ``startup.json``, ``e2e.json``, ``checkpoint.json``,
-``memory.json``; ``step
+``memory.json``, ``detector.json``; ``step
 cores=1`` writes ``step_cores1.json``). results/bench/NOTES.md reads them.
 
 How ``step`` measures (the machine may be shared, so nothing is timed alone):
@@ -508,7 +510,9 @@ def main(args: list[str], FLAGS) -> int:  # noqa: N803 - absl's name
     from jaxrepro.errors import JaxreproError
 
     if not args:
-        raise JaxreproError("bench needs a sub-command: step | startup | e2e | memory | all")
+        raise JaxreproError(
+            "bench needs a sub-command: step | startup | e2e | checkpoint | memory | detector | all"
+        )
     sub, words = args[0], args[1:]
     out = getattr(FLAGS, "out", None) or DEFAULT_OUT
     try:
@@ -523,6 +527,8 @@ def main(args: list[str], FLAGS) -> int:  # noqa: N803 - absl's name
             raise JaxreproError(str(e)) from e
         cores = result.get("options", {}).get("cores", 0)
         path = os.path.join(out, f"{name}_cores{cores}.json" if cores else f"{name}.json")
+        if name == "detector":
+            result = _detector_record(path, result, words)
         jsonio.write_json(path, recorded(result))
         if name == "step":
             _print_step(result)
@@ -542,8 +548,23 @@ def recorded(result: dict) -> dict:
     return result
 
 
+def _detector_record(path: str, result: dict, words: list[str]) -> dict:
+    """detector.json: this measurement under ``current`` (or ``baseline``), the other kept
+    from the file, so the figures of the detector before a change stay beside the new ones."""
+    from jaxrepro import detector_bench, jsonio
+
+    opts = parse_options(words, detector_bench.DEFAULTS)
+    old = jsonio.read_json(path) if os.path.exists(path) else {}
+    record = {"about": detector_bench.about(), "options": opts}
+    for key in ("baseline", "current"):
+        if key in old:
+            record[key] = old[key]
+    record[opts["record"]] = result
+    return record
+
+
 def _jobs(sub: str, words: list[str]):
-    from jaxrepro import bench_runs
+    from jaxrepro import bench_runs, detector_bench
 
     subs = {
         "step": lambda: bench_step(parse_options(words, STEP_DEFAULTS)),
@@ -556,6 +577,9 @@ def _jobs(sub: str, words: list[str]):
         ),
         "memory": lambda: bench_runs.bench_memory(parse_options(words, bench_runs.MEMORY_DEFAULTS)),
         "portable": lambda: bench_portable(parse_options(words, PORTABLE_DEFAULTS)),
+        "detector": lambda: detector_bench.bench_detector(
+            parse_options(words, detector_bench.DEFAULTS)
+        ),
     }
     if sub == "all":
         if words:
@@ -570,7 +594,7 @@ def _jobs(sub: str, words: list[str]):
 
 
 def _validate_words(sub: str, words: list[str]) -> None:
-    from jaxrepro import bench_runs
+    from jaxrepro import bench_runs, detector_bench
 
     defaults = {
         "step": STEP_DEFAULTS,
@@ -579,6 +603,7 @@ def _validate_words(sub: str, words: list[str]) -> None:
         "checkpoint": bench_runs.CHECKPOINT_DEFAULTS,
         "memory": bench_runs.MEMORY_DEFAULTS,
         "portable": PORTABLE_DEFAULTS,
+        "detector": detector_bench.DEFAULTS,
     }[sub]
     opts = parse_options(words, defaults)
     if sub == "step":

@@ -234,10 +234,24 @@ def validate(config) -> None:
     _positive_int(config, "checkpoint.every", allow_zero=True)
     _positive_int(config, "checkpoint.keep_last")
     _positive_int(config, "checkpoint.keep_every", allow_zero=True)
+    _validate_dropoff(config)
     _validate_parallel(config)
     _number(config, "runtime.progress_every_s", lo=0, lo_open=True)
     _number(config, "runtime.heartbeat_every_s", lo=0, lo_open=True)
     _check_type(_require(config, "runtime.tensorboard"), bool, "runtime.tensorboard")
+
+
+def _validate_dropoff(config):
+    """The drop-off detector's thresholds (negative windows, ratios below 1, an unknown
+    reference are refused here, before a run starts, not at its first metrics row)."""
+    from jaxrepro import dropoff
+
+    section = _require(config, "dropoff")
+    try:
+        dropoff.validate_config(section)
+    except ValueError as e:
+        field, _, message = str(e).partition(" ")
+        raise ConfigError(f"config field dropoff.{field}: {message}") from None
 
 
 def _validate_parallel(config):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 
@@ -48,6 +49,13 @@ def read_jsonl(path: str) -> list[dict]:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             if i >= len(lines) - 2:  # only the last line may be partial
+                logging.getLogger("jaxrepro").warning(
+                    "%s:%d: the last line is truncated (not a whole JSON row): read up to "
+                    "the last whole row (%d rows)",
+                    path,
+                    i + 1,
+                    len(rows),
+                )
                 break
             raise
     return rows

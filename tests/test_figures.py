@@ -34,7 +34,7 @@ def _rows(seed, spike_at=None, drop_at=None, nan_at=None):
     for phase, n in (("pretrain", 100), ("finetune", 60)):
         for i in range(n):
             loss = (0.3 + 2.0 * math.exp(-i / 25)) * (1 + rng.normal(0, 0.1))
-            loss = 3.5 * loss if step == spike_at else loss
+            loss = 6.0 * loss if step == spike_at else loss
             loss = math.nan if step == nan_at else loss
             rows.append({"kind": "train", "step": step, "phase": phase, "phase_step": i,
                          "epoch": 0, "loss": loss, "accuracy": 0.5, "grad_norm": 1.0,

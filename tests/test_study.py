@@ -26,8 +26,10 @@ from jaxrepro.report import report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The tiny digits config (helpers.tiny_digits) as CLI flags, with a drop-off detector
-# sensitive enough to flag something in 8 + 6 steps (the defaults need >= 10 points).
+# sensitive enough to flag something in 8 + 6 steps (the defaults exclude a phase's first
+# 10 steps and then need 20 points).
 SENSITIVE = {
+    "dropoff.loss.transient_steps": 0,
     "dropoff.loss.min_history": 3,
     "dropoff.loss.z_threshold": 1.0,
     "dropoff.loss.min_ratio": 1.02,
@@ -376,21 +378,22 @@ def test_analysis_of_a_synthetic_study(data_dir, tmp_path):
     assert json.load(open(os.path.join(out, "summary.json")))["points"]["base"]["n_runs"] == 7
 
 
-def test_largest_event_is_the_largest_relative_change():
+def test_largest_event_is_the_most_severe():
+    # A one-batch loss spike of 4x outranks nothing: an accuracy collapse that gave back
+    # most of what the phase had learned comes first, whatever the relative changes.
+    spike = dict(_event(5, "loss", "spike", 0.5, 2.0), severity=0.06)  # +300%
+    fall = dict(_event(3, "accuracy/source_test", "fall", 0.9, 0.45), severity=0.56)  # -50%
     records = [
-        {"run": "a", "events": [_event(5, "loss", "rise", 2.0, 2.8)]},  # +40%
-        {
-            "run": "b",
-            "events": [
-                _event(3, "accuracy/source_test", "fall", 0.9, 0.45),  # -50%
-                _event(9, "loss", "rise", 1.0, 1.3),
-            ],
-        },
+        {"run": "a", "events": [spike]},
+        {"run": "b", "events": [fall, dict(_event(9, "loss", "rise", 1.0, 1.3), severity=0.2)]},
     ]
     record, index, event = study.largest_event(records)
     assert (record["run"], index, event["step"]) == ("b", 0, 3)
-    assert study.largest_event(records, metric="loss")[0]["run"] == "a"
-    assert study.severity(dict(_event(1, "loss", "nonfinite", 1.0, 1.0))) == math.inf
+    assert study.largest_event(records, metric="loss")[2]["step"] == 9
+    nonfinite = _event(1, "loss", "nonfinite", 1.0, 1.0)
+    assert study.severity(nonfinite) == dropoff.SEVERITY_CAP  # the first format: computed
+    old_fall = _event(3, "accuracy/source_test", "fall", 0.9, 0.45)  # no severity field
+    assert study.severity(old_fall) == pytest.approx(0.5)  # half the accuracy it had
     assert study.largest_event([{"run": "c", "events": []}]) is None
 
 

@@ -23,7 +23,12 @@ from matplotlib.figure import Figure
 from jaxrepro import dropoff
 
 _DPI = 100
-_EVENT_STYLE = {"rise": ("^", "tab:red"), "fall": ("v", "tab:red"), "nonfinite": ("X", "black")}
+_EVENT_STYLE = {
+    "spike": ("*", "tab:orange"),
+    "rise": ("^", "tab:red"),
+    "fall": ("v", "tab:red"),
+    "nonfinite": ("X", "black"),
+}
 
 
 def load_run(source) -> tuple[list[dict], list[dict]]:

@@ -445,9 +445,10 @@ def _replay_lines(replay: dict) -> list[str]:
         f"{trajectory.describe(replay['first_difference'])}"
     )
     lines += [
-        f"The largest drop-off (relative change {replay['severity']:.3g}) is {e['kind']} of "
+        f"The most severe drop-off (severity {replay['severity']:.3g}) is {e['kind']} of "
         f"{e['metric']} in run {replay['run']} at {e['phase']} step {e['step']} "
-        f"({_num(e['before'])} → {_num(e['after'])}).",
+        f"({_num(e['before'])} → {_num(e.get('peak_after', e['after']))} at its peak, "
+        f"until step {e.get('end_step', e['step'])}).",
         f"Replayed from checkpoint {replay['from_step']} to step {replay['until']} "
         f"([{replay['replay_dir']}]({replay['replay_dir']}/replay_summary.json)): "
         f"{replay['compared_rows']} rows compared, {verdict}.",

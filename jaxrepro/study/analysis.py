@@ -8,7 +8,6 @@ study is replayed exactly.
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -87,17 +86,15 @@ def attribute(records: list[dict], factors, window: int) -> tuple[list[dict], st
 
 
 def severity(event: dict) -> float:
-    """How large a drop-off is, comparable across kinds: the relative change at onset."""
-    if event["kind"] == "nonfinite":
-        return math.inf
-    before, after = float(event["before"]), float(event["after"])
-    if not (math.isfinite(before) and math.isfinite(after)) or before == 0:
-        return 0.0
-    return abs(after - before) / abs(before)
+    """How bad a drop-off is, comparable across kinds (``jaxrepro.dropoff.severity``: the
+    fraction of what the phase had learned that it gave back, times how long it lasted;
+    a collapse to chance ~1, a one-batch spike ~0.05-0.1, a non-finite value 2)."""
+    return dropoff_lib.severity(event)
 
 
 def largest_event(records: list[dict], metric: str | None = None):
-    """(record, index in its dropoffs.json, event) of the largest drop-off, or None."""
+    """(record, index in its dropoffs.json, event) of the most severe drop-off, or None
+    (ties: the earliest)."""
     best = None
     for r in records:
         for i, e in enumerate(r["events"]):

@@ -270,6 +270,9 @@ class Training:
             self.ckpts.save(step, state, {"phase": phase_name, "model": self.config.model.name})
             c = self.config.checkpoint
             events = [e["step"] for e in self.record.detector.events]
+            pending = self.record.detector.pending_from()  # an unconfirmed episode's onset
+            if pending is not None:
+                events.append(pending)
             protected = protected_steps(self.ckpts.steps(), events)
             self.ckpts.retain(c.keep_last, c.keep_every, protected)
 
