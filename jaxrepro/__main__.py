@@ -38,8 +38,18 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/<exp>.py[:variant]).", lock_config=True
 )
 flags.DEFINE_string("workdir", None, "A run's working directory.")
+flags.DEFINE_string(
+    "dropoff",
+    None,
+    "replay: index of the drop-off to replay (jaxrepro dropoffs); diagnose: an index or 'all'.",
+)
+flags.DEFINE_string(
+    "arms",
+    None,
+    "diagnose: the arms, e.g. exact,aug:4,order:2,skip,lr:0.5,clip:1.0 (the default).",
+)
 flags.DEFINE_integer(
-    "dropoff", None, "replay: index of the drop-off to replay (jaxrepro dropoffs)."
+    "after", None, "diagnose: steps after the onset each arm runs (default diagnose.after)."
 )
 flags.DEFINE_integer("from_step", None, "replay: replay from the checkpoint at/before this step.")
 flags.DEFINE_multi_string("override", [], "replay: counterfactual change, key=value (repeatable).")
@@ -61,7 +71,8 @@ flags.DEFINE_bool(
 flags.DEFINE_bool(
     "force",
     False,
-    "replay, study: go on although a run was recorded on another platform fingerprint "
+    "replay, diagnose, study: go on although a run was recorded on another platform "
+    "fingerprint "
     "(recorded; bitwise equality is then not expected).",
 )
 flags.DEFINE_string("out", None, "Output directory (audit, study, port, compare, bench).")
@@ -83,6 +94,11 @@ flags.DEFINE_string(
 )
 flags.DEFINE_string("jax", None, "compare: a jaxrepro run or study directory.")
 flags.DEFINE_bool("study_replay", True, "study: replay the largest drop-off exactly.")
+flags.DEFINE_integer(
+    "study_diagnose",
+    1,
+    "study: diagnose this many of the most severe drop-offs by intervention (0: none).",
+)
 flags.DEFINE_bool("jobs_only", False, "study: write the job list for a cluster, run nothing.")
 flags.DEFINE_enum(
     "keep_checkpoints",
@@ -146,6 +162,38 @@ def cmd_train(argv):
     return 0 if info["status"] in ("done", "running") else 1
 
 
+def _dropoff_index() -> int | None:
+    if FLAGS.dropoff is None:
+        return None
+    try:
+        return int(FLAGS.dropoff)
+    except ValueError as e:
+        raise JaxreproError(f"--dropoff={FLAGS.dropoff!r}: replay takes one index") from e
+
+
+@command
+def cmd_diagnose(argv):
+    from jaxrepro.diagnose import arms as arms_lib
+    from jaxrepro.diagnose import engine
+
+    diags = engine.diagnose(
+        _require("workdir"),
+        dropoff=FLAGS.dropoff if FLAGS.dropoff is not None else "all",
+        arms=FLAGS.arms or arms_lib.DEFAULT_ARMS,
+        after=FLAGS.after,
+        force=FLAGS.force,
+    )
+    for d in diags:
+        e = d["event"]
+        print(
+            f"drop-off {d['index']} ({e['kind']} of {e['metric']} at step {e['step']}, "
+            f"{e['phase']}): {d['verdict']['cause']} -- {d['verdict']['because']}; "
+            f"exact arm bitwise: {d['exact_bitwise']}"
+        )
+    print(f"summary: {os.path.join(FLAGS.workdir, engine.DIR, 'summary.md')}")
+    return 0 if all(d["exact_bitwise"] is not False for d in diags) else 1
+
+
 @command
 def cmd_replay(argv):
     from jaxrepro import replay
@@ -158,7 +206,7 @@ def cmd_replay(argv):
             raise JaxreproError(f"--devices={FLAGS.devices!r}: a replay takes one count") from e
     s = replay.replay(
         _require("workdir"),
-        dropoff=FLAGS.dropoff,
+        dropoff=_dropoff_index(),
         from_step=FLAGS.from_step,
         overrides=FLAGS.override,
         skip_batches=FLAGS.skip_batches,

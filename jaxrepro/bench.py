@@ -224,7 +224,7 @@ def jax_step_runner(
     from jaxrepro import models, rng
     from jaxrepro.bench_model import conv_impl_override, make_train_step_for, synthetic_variables
     from jaxrepro.train import optimizer as optimizer_lib
-    from jaxrepro.train.step import TrainState
+    from jaxrepro.train.step import TrainState, step_controls
 
     config = config_lib.base()
     config.model.name = arch
@@ -259,7 +259,7 @@ def jax_step_runner(
         "id": np.arange(batch, dtype=np.int32),
         "epoch": np.zeros(batch, np.int32),
     })  # fmt: skip
-    keys = (rng.factor_root("aug", 0), rng.factor_root("dropout", 0))
+    keys = (rng.factor_root("aug", 0), rng.factor_root("dropout", 0), step_controls())
     start = time.perf_counter()
     with conv_impl_override(conv_impl):  # the trace happens in lower()
         lowered = step.lower(state, batch, *keys)

@@ -339,7 +339,7 @@ def bare_step_rate(config, workdir: str, steps: int, warmup: int) -> dict:
     phase = setup.phases[0]
     state = setup.par.replicate(setup.init_state())  # the loop's own placement
     batch, _ = setup.device_batch(phase, 0)
-    keys = setup.mesh_keys(phase)
+    keys = setup.step_inputs(phase)
     fn = Programs(setup).train_fn(phase, state, batch)
     for _ in range(warmup):
         state, metrics = fn(state, batch, *keys)

@@ -266,6 +266,8 @@ def _validate_parallel(config):
         _require(config, "determinism.device_invariant"), bool, "determinism.device_invariant"
     )
     _check_type(_require(config, "determinism.portable"), bool, "determinism.portable")
+    _positive_int(config, "diagnose.after")
+    _positive_int(config, "diagnose.window")
     groups = _positive_int(config, "determinism.groups")
     if config.determinism.device_invariant:
         # The grouped forward (invariant/grouped_model.py) has no dropout: refused rather
@@ -431,6 +433,13 @@ def base() -> ml_collections.ConfigDict:
     from jaxrepro import dropoff
 
     c.dropoff = dropoff.default_config()  # detection thresholds (docs/design.md)
+
+    # jaxrepro diagnose (jaxrepro/diagnose): arms run to the onset + `after` steps (or the
+    # phase's end); an arm's episode of the same phase, metric and kind with an onset within
+    # `window` steps of the original's counts as the event recurring.
+    c.diagnose = ml_collections.ConfigDict()
+    c.diagnose.after = 30
+    c.diagnose.window = 10
 
     c.runtime = ml_collections.ConfigDict()  # does not change the trajectory
     c.runtime.progress_every_s = 10.0

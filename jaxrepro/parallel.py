@@ -216,7 +216,7 @@ class DataParallel:
 
     # -- compiling
     def jit_train_step(self, step_fn):
-        """``step_fn(state, batch, aug_root, dropout_root)`` with the mesh's shardings.
+        """``step_fn(state, batch, aug_root, dropout_root, controls)`` with the mesh's shardings.
 
         The state is donated, and comes back replicated, so step after step it keeps the
         sharding the compiled program expects.
@@ -224,7 +224,7 @@ class DataParallel:
         rep, bat = self.replicated, self.batch
         return jax.jit(
             step_fn,
-            in_shardings=(rep, bat, rep, rep),
+            in_shardings=(rep, bat, rep, rep, rep),
             out_shardings=(rep, rep),
             donate_argnums=(0,),
         )

@@ -87,6 +87,11 @@ def step_key(root: jax.Array, step) -> jax.Array:
     return jax.random.fold_in(root, step)
 
 
+def branch_root(root: jax.Array, branch: int) -> jax.Array:
+    """Another root for the same factor: a diagnosis arm's own draws (diagnose/arms.py)."""
+    return jax.random.fold_in(root, branch)
+
+
 def epoch_key(root: jax.Array, epoch) -> jax.Array:
     """Key for a per-epoch draw (e.g. the example order of ``epoch``)."""
     return jax.random.fold_in(root, epoch)

@@ -440,15 +440,15 @@ def _suspects(present, runs, varied) -> list[str]:
 
 
 def attribute_events(runs, varied, window: int, shared_fraction: float = 1.0) -> list[dict]:
-    """Groups the drop-offs of a study's runs and says what each group is due to.
+    """Groups the drop-offs of a study's runs and counts in how many runs each is seen.
 
     Events of all runs are grouped by (phase, metric) and step: events whose steps are
-    within ``window`` of the previous one join its group (single linkage). A group found
-    in every run (at least ``shared_fraction`` of them) cannot come from a factor the
-    study varies: it is attributed to what was held fixed (a batch of the fixed data
-    order, say). A group found in some runs only is attributed to the varied factor(s):
-    where several vary, to those whose seed values separate the runs with the event
-    from the runs without (all of them if none does: an interaction).
+    within ``window`` of the previous one join its group (single linkage). This is
+    co-occurrence, not cause (a cause needs an intervention: jaxrepro.diagnose). A group
+    seen in every run (at least ``shared_fraction`` of them) co-occurs with what was held
+    fixed (a batch of the fixed data order, say); one seen in some runs only co-varies
+    with the varied factor(s): where several vary, with those whose seed values separate
+    the runs with the event from the runs without (all of them if none does).
 
     Args:
         runs: ``[{"run": name, "seeds": {factor: seed}, "events": [event, ...]}]``.
@@ -458,7 +458,7 @@ def attribute_events(runs, varied, window: int, shared_fraction: float = 1.0) ->
 
     Returns:
         Groups sorted by step: ``{"phase", "metric", "kinds", "step_min", "step_max",
-        "runs", "n_runs", "n_total", "fraction", "shared", "attributed_to", "verdict",
+        "runs", "n_runs", "n_total", "fraction", "shared", "co_varies_with", "seen_in",
         "events", "example_ids"}``; ``example_ids`` is None, for the engine to fill.
     """
     if window < 0:
@@ -481,13 +481,14 @@ def _group(phase, metric, cluster, runs, varied, held, shared_fraction) -> dict:
     present = {run for run, _ in cluster}
     fraction = len(present) / len(runs)
     shared = fraction >= shared_fraction - 1e-12
+    seen = f"seen in {len(present)} of {len(runs)} runs"
     if shared:
         attributed = held
         what = ", ".join(held) if held else f"everything but {', '.join(varied)}"
-        verdict = f"shared: held-fixed factors ({what})"
+        seen += f" (all share the held-fixed factors: {what})"
     else:
         attributed = _suspects(present, runs, varied)
-        verdict = f"varied factor(s) ({', '.join(attributed)})"
+        seen += f" (they differ from the others in {', '.join(attributed)})"
     steps = [e["step"] for _, e in cluster]
     return {
         "phase": phase,
@@ -500,8 +501,8 @@ def _group(phase, metric, cluster, runs, varied, held, shared_fraction) -> dict:
         "n_total": len(runs),
         "fraction": fraction,
         "shared": shared,
-        "attributed_to": list(attributed),
-        "verdict": verdict,
+        "co_varies_with": list(attributed),
+        "seen_in": seen,
         "events": [
             {"run": run, "step": e["step"], "kind": e["kind"], "size": e.get("size")}
             for run, e in cluster

@@ -117,8 +117,10 @@ def test_bench_e2e_smoke(tmp_path, data_dir):
     # measured between evals (where every earlier step has finished): from the first at
     # or after the warmup to the final one, the eval at 8 left out
     assert run["window"] == "evals at steps 4..9" and run["steps"] == 5
-    # every 4 steps, keep_last 3; without the cadence only the phase start and the end
-    assert run["checkpoints"] == [4, 8, 9] and noc["checkpoints"] == [0, 9]
+    # every 4 steps, keep_last 3, plus 0: the checkpoint before the earliest onset an
+    # episode not yet confirmed could still get (the detector's pending_from) is kept;
+    # without the cadence only the phase start and the end
+    assert run["checkpoints"] == [0, 4, 8, 9] and noc["checkpoints"] == [0, 9]
     assert run["eval_s"] > 0 and run["steps_per_s_excl_eval"] >= run["steps_per_s"] > 0
     assert result["efficiency_excl_eval"] == pytest.approx(
         run["steps_per_s_excl_eval"] / result["bare_steps_per_s"]

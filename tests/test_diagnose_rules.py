@@ -31,7 +31,8 @@ def test_default_arms_expand_in_order():
         ("clip:abc", "positive finite"),
         ("lr:inf", "positive finite"),
         ("bogus", "unknown arm"),
-        ("skip:2", "takes no value"),
+        ("skip:2", "integer <= 0"),
+        ("skip:x", "integer <= 0"),
         ("exact,exact", "given twice"),
         ("", "empty"),
     ],
@@ -39,6 +40,11 @@ def test_default_arms_expand_in_order():
 def test_bad_arms_are_refused_with_the_reason(text, match):
     with pytest.raises(ConfigError, match=match):
         arms_lib.parse_arms(text)
+
+
+def test_skip_of_an_earlier_batch_is_its_own_arm():
+    arms = arms_lib.parse_arms("skip,skip:-3")
+    assert [a.name for a in arms] == ["skip", "skip-3"] and arms[1].index == -3
 
 
 def test_wilson_interval_at_small_n():

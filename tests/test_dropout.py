@@ -100,7 +100,13 @@ def test_rate_zero_has_no_dropout_op_and_rate_above_zero_has_one():
     assert evals[0.0] == evals[0.5] and _count_random(evals[0.0]) == 0
     # The whole train step: at rate 0 only the augmentation draws; at 0.5 dropout too.
     state, _ = _state(_module(0.0), 0)
-    args = (state, _batch(), rng.factor_root("aug", 0), rng.factor_root("dropout", 0))
+    args = (
+        state,
+        _batch(),
+        rng.factor_root("aug", 0),
+        rng.factor_root("dropout", 0),
+        step_lib.step_controls(),
+    )
     jaxprs = {rate: jax.make_jaxpr(_step_fn(rate))(*args) for rate in (0.0, 0.5)}
     assert _count_random(jaxprs[0.0]) < _count_random(jaxprs[0.5])
 

@@ -34,7 +34,7 @@ from jaxrepro.data import augment as augment_lib
 from jaxrepro.invariant import grouped_bn, grouped_model, reduce, setup
 from jaxrepro.invariant import step as inv_step
 from jaxrepro.models.batchnorm import batch_norm_train_plain
-from jaxrepro.train.step import TrainState
+from jaxrepro.train.step import TrainState, step_controls
 
 _FLAG = "--xla_force_host_platform_device_count"
 _TIMEOUT = 1200  # generous: the machine is shared; the runs take ~1-2 minutes
@@ -258,7 +258,7 @@ def test_nonfinite_policy_stop_keeps_the_last_good_state():
         "id": np.arange(4, dtype=np.int32),
         "epoch": np.zeros(4, np.int32),
     }
-    keys = (rng.factor_root("aug", 0), rng.factor_root("dropout", 0))
+    keys = (rng.factor_root("aug", 0), rng.factor_root("dropout", 0), step_controls())
     s1, m1 = fn(state, batch, *keys)
     assert not bool(m1["finite"]) and not bool(m1["applied"])
     s2, m2 = fn(s1, dict(batch, label=np.array([0, 1, 2, 3], np.int32)), *keys)

@@ -219,11 +219,13 @@ def test_attribute_events_shared_and_seed_specific():
     ]
     specific, shared = groups
     assert not specific["shared"] and specific["runs"] == ["a2"]
-    assert specific["fraction"] == 0.25 and specific["attributed_to"] == ["aug"]
-    assert specific["verdict"] == "varied factor(s) (aug)"
+    assert specific["fraction"] == 0.25 and specific["co_varies_with"] == ["aug"]
+    assert specific["seen_in"] == "seen in 1 of 4 runs (they differ from the others in aug)"
     assert shared["shared"] and shared["n_runs"] == 4 and shared["fraction"] == 1.0
-    assert "aug" not in shared["attributed_to"]
-    assert shared["verdict"] == "shared: held-fixed factors (init, head, data, dropout)"
+    assert "aug" not in shared["co_varies_with"]
+    assert shared["seen_in"] == (
+        "seen in 4 of 4 runs (all share the held-fixed factors: init, head, data, dropout)"
+    )
     assert shared["example_ids"] is None and len(shared["events"]) == 4
 
 
@@ -244,7 +246,7 @@ def test_attribute_events_two_varied_factors():
         runs.append({"run": f"r{aug}{data}", "seeds": dict(SEEDS0, aug=aug, data=data),
                      "events": ev})  # fmt: skip
     (group,) = stats.attribute_events(runs, varied=["aug", "data"], window=5)
-    assert group["attributed_to"] == ["data"] and group["runs"] == ["r01", "r11"]
+    assert group["co_varies_with"] == ["data"] and group["runs"] == ["r01", "r11"]
 
 
 def test_attribute_events_checks_the_design():

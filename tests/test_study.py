@@ -354,9 +354,9 @@ def test_analysis_of_a_synthetic_study(data_dir, tmp_path):
     # Attribution: the spike in every run is shared; the fall only where aug=2 is aug's.
     spike, fall = point["attribution"]  # by step: 5, then 8
     assert fall["metric"] == "accuracy/source_test" and fall["runs"] == ["aug2-data0"]
-    assert not fall["shared"] and fall["attributed_to"] == ["aug"]
+    assert not fall["shared"] and fall["co_varies_with"] == ["aug"]
     assert spike["metric"] == "loss" and spike["shared"] and spike["n_runs"] == 7
-    assert set(spike["attributed_to"]) == {"init", "head", "dropout"}
+    assert set(spike["co_varies_with"]) == {"init", "head", "dropout"}
     assert point["dropoffs"]["rate"]["pretrain/loss"]["rate"] == 1.0
     # Example ids of the batch at step 5, one batch per data seed.
     n = 1400  # digits train split (docs/findings.md)
@@ -373,7 +373,8 @@ def test_analysis_of_a_synthetic_study(data_dir, tmp_path):
     md = os.path.join(out, "report.md")
     assert report.broken_links(md) == []
     text = open(md).read()
-    assert "varied factor(s) (aug)" in text and "shared: held-fixed factors" in text
+    assert "they differ from the others in aug" in text and "share the held-fixed factors" in text
+    assert "co-occurrence, not a cause" in text
     assert f"{100 * values.mean():.1f} ± {100 * values.std(ddof=1):.1f}" in text
     assert json.load(open(os.path.join(out, "summary.json")))["points"]["base"]["n_runs"] == 7
 

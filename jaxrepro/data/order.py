@@ -139,18 +139,69 @@ def batch_ids(
       ``(ids, epochs)``, both ``np.int64[B]``.
     """
     _check(batch_size, num_examples, remainder)
+    return _ids(
+        lambda epoch: permutation(data_root, phase, epoch, num_examples),
+        step_in_phase,
+        batch_size,
+        num_examples,
+        remainder,
+    )
+
+
+def _ids(perm_of, step_in_phase: int, batch_size: int, num_examples: int, remainder: str):
+    """``batch_ids`` with the epochs' permutations from ``perm_of(epoch)``."""
     step = int(step_in_phase)
     if step < 0:
         raise ValueError(f"step_in_phase must be >= 0, got {step_in_phase}")
     if remainder == "drop":
         epoch, within = divmod(step, num_examples // batch_size)
         start = within * batch_size
-        ids = permutation(data_root, phase, epoch, num_examples)[start : start + batch_size]
+        ids = perm_of(epoch)[start : start + batch_size]
         return ids.copy(), np.full(batch_size, epoch, np.int64)
     positions = step * batch_size + np.arange(batch_size, dtype=np.int64)
     epochs, offsets = np.divmod(positions, num_examples)
     ids = np.empty(batch_size, np.int64)
     for epoch in np.unique(epochs):
         rows = epochs == epoch
-        ids[rows] = permutation(data_root, phase, int(epoch), num_examples)[offsets[rows]]
+        ids[rows] = perm_of(int(epoch))[offsets[rows]]
     return ids, epochs
+
+
+def redrawn_batch_ids(
+    data_root,
+    arm_root,
+    phase: str,
+    step_in_phase: int,
+    from_step_in_phase: int,
+    batch_size: int,
+    num_examples: int,
+    remainder: str = "drop",
+) -> tuple[np.ndarray, np.ndarray]:
+    """``batch_ids`` with the order redrawn from ``from_step_in_phase`` on (a diagnosis arm).
+
+    Steps before it read the original order. In the epoch that step falls in, the examples
+    already seen keep their places and the rest of that epoch's permutation (the examples
+    not yet seen) is permuted again with ``arm_root``'s permutation of that epoch; every
+    later epoch is ``arm_root``'s own permutation. So each example is still read once per
+    epoch.
+    """
+    _check(batch_size, num_examples, remainder)
+    start = int(from_step_in_phase)
+    if int(step_in_phase) < start:
+        return batch_ids(data_root, phase, step_in_phase, batch_size, num_examples, remainder)
+    if remainder == "drop":
+        first, within = divmod(start, num_examples // batch_size)
+        seen = within * batch_size
+    else:
+        first, seen = divmod(start * batch_size, num_examples)
+
+    def perm_of(epoch: int) -> np.ndarray:
+        if epoch > first:
+            return permutation(arm_root, phase, epoch, num_examples)
+        original = permutation(data_root, phase, epoch, num_examples)
+        rest = original[seen:]
+        return np.concatenate(
+            [original[:seen], rest[permutation(arm_root, phase, epoch, len(rest))]]
+        )
+
+    return _ids(perm_of, step_in_phase, batch_size, num_examples, remainder)

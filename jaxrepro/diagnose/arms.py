@@ -16,6 +16,8 @@
   counter, the learning-rate schedule and the per-step keys advance as in the original
   (step s is still step s); the batches shift by one, and each example keeps its own
   per-example augmentation key (keys derive from the example id and epoch).
+  ``skip:-K`` skips the batch K steps before the onset instead (a control: an unrelated
+  batch), so the onset's batch is read one step earlier.
 * ``lr:F``: the learning rate times F from the restore point on (an input of the
   compiled step, so training and every arm share one program; F = 1 is bit-identical).
 * ``clip:G``: the gradient's global norm clipped at G from the restore point on (an
@@ -51,6 +53,8 @@ class Arm:
             return f"{self.family}{self.index}"
         if self.family in _VALUED:
             return f"{self.family}{self.value:g}"
+        if self.family == "skip" and self.index:
+            return f"skip{self.index}"
         return self.family
 
     @property
@@ -75,10 +79,21 @@ def parse_arms(text: str) -> list[Arm]:
         family, sep, arg = word.partition(":")
         if family not in FAMILIES:
             raise ConfigError(f"--arms: unknown arm {word!r}; known: {', '.join(FAMILIES)}")
-        if family in ("exact", "skip"):
+        if family == "exact" or (family == "skip" and not sep):
             if sep:
                 raise ConfigError(f"--arms: {family!r} takes no value, got {word!r}")
             arms.append(Arm(family))
+        elif family == "skip":
+            try:
+                offset = int(arg)
+            except ValueError:
+                offset = 1
+            if offset > 0 or str(offset) != arg:
+                raise ConfigError(
+                    f"--arms: {word!r}: skip:-K skips the batch K steps before the onset "
+                    "(an integer <= 0)"
+                )
+            arms.append(Arm(family, offset))
         elif family in _COUNTED:
             try:
                 n = int(arg)

@@ -37,7 +37,7 @@ from jaxrepro import hashing, machine, rng
 from jaxrepro.invariant import check, setup
 from jaxrepro.invariant import step as inv_step
 from jaxrepro.train import runinfo
-from jaxrepro.train.step import make_train_step
+from jaxrepro.train.step import make_train_step, step_controls
 
 
 def _compile(fn, state, batch, keys) -> tuple:
@@ -68,7 +68,7 @@ def speed(args) -> dict:
     rng.configure()
     module_args = argparse.Namespace(**{**vars(args), "steps": 1, "seed": 0, "lr": 3e-3})
     _, static, state0, batches = check.setup(module_args)
-    keys = (rng.factor_root("aug", 0), rng.factor_root("dropout", 0))
+    keys = (rng.factor_root("aug", 0), rng.factor_root("dropout", 0), step_controls())
     load0 = os.getloadavg()
     variants = _variants(args, static, state0, batches[0], keys)
     walls = {k: [] for k in variants}

@@ -29,7 +29,7 @@ from jaxrepro.data import augment as augment_lib
 from jaxrepro.invariant import setup as setup_lib
 from jaxrepro.invariant import step as inv_step
 from jaxrepro.train import runinfo
-from jaxrepro.train.step import TrainState, make_train_step
+from jaxrepro.train.step import TrainState, make_train_step, step_controls
 
 LOGGED = ("loss", "accuracy", "grad_norm", "update_norm", "param_norm", "lr", "finite",
           "applied", "input_mean", "input_std")  # fmt: skip
@@ -173,7 +173,8 @@ def main(argv=None) -> dict:
     rng.configure()
     _, static, state0, batches = setup(args)
     keys = (rng.phase_root(rng.factor_root("aug", args.seed), "pretrain"),
-            rng.phase_root(rng.factor_root("dropout", args.seed), "pretrain"))  # fmt: skip
+            rng.phase_root(rng.factor_root("dropout", args.seed), "pretrain"),
+            step_controls())  # fmt: skip
     result = {
         "platform": runinfo.platform_info(),
         "args": vars(args),

@@ -100,6 +100,7 @@ def invariant_train_step(
     batch: dict,
     aug_root: jax.Array,
     dropout_root: jax.Array,
+    controls: jax.Array,
     *,
     module,
     tx,
@@ -138,7 +139,9 @@ def invariant_train_step(
         for lg, lb in zip(logits, labels, strict=True)
     ]
     accuracy = reduce.combine(hits, axis_name).astype(jnp.float32) / batch_size
-    new_state, tail = apply_step(state, loss, grads, batch_stats, tx=tx, policy=policy)
+    new_state, tail = apply_step(
+        state, loss, grads, batch_stats, tx=tx, policy=policy, controls=controls
+    )
     pixels = batch_size * xs[0].shape[1] * xs[0].shape[2]
     input_mean, input_std = _input_stats(xs, axis_name, pixels)
     metrics = {
@@ -147,7 +150,7 @@ def invariant_train_step(
         "grad_norm": tail["grad_norm"],
         "update_norm": tail["update_norm"],
         "param_norm": optax.tree.norm(new_state.params),
-        "lr": lr_fn(state.step - phase_start),
+        "lr": lr_fn(state.step - phase_start) * controls[0],
         "finite": tail["finite"],
         "applied": tail["applied"],
         "input_mean": input_mean,
@@ -170,8 +173,8 @@ def make_invariant_train_step(
         for ``train.step.make_train_step``.
 
     Returns:
-      ``step(state, batch, aug_root, dropout_root) -> (state, metrics)``: batch arrays
-      global [B, ...] (placed with ``batch_sharding(mesh)``, or host arrays), state
+      ``step(state, batch, aug_root, dropout_root, controls) -> (state, metrics)``: batch
+      arrays global [B, ...] (placed with ``batch_sharding(mesh)``, or host arrays), state
       replicated (``replicated(mesh)``); outputs replicated on the mesh.
     """
     if AXIS not in mesh.axis_names:
@@ -190,7 +193,7 @@ def make_invariant_train_step(
     sharded = jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(P(), P(AXIS), P(), P()),
+        in_specs=(P(), P(AXIS), P(), P(), P()),
         out_specs=(P(), P()),
         check_vma=False,
     )
@@ -199,7 +202,7 @@ def make_invariant_train_step(
     rep, shard = replicated(mesh), batch_sharding(mesh)
     return jax.jit(
         sharded,
-        in_shardings=(rep, shard, rep, rep),
+        in_shardings=(rep, shard, rep, rep, rep),
         out_shardings=(rep, rep),
         donate_argnums=(0,) if donate else (),
     )

@@ -369,13 +369,14 @@ def _dropoff_lines(point: str, entry: dict) -> list[str]:
         return lines + ["", entry["attribution_note"], ""]
     lines += [
         "",
-        "Events (same phase and metric, steps within the window) and what they are due to:",
+        "Events (same phase and metric, steps within the window), counted across runs. This "
+        "is co-occurrence, not a cause: the interventional verdicts above say why.",
         "",
-        "| phase | metric | steps | runs | verdict |",
+        "| phase | metric | steps | runs | seen in |",
         "|---|---|---|---|---|",
     ]
     for g in entry["attribution"]:
-        verdict = g["verdict"]
+        verdict = g["seen_in"]
         if not g["shared"] and g["example_ids"]:
             verdict += "; in most runs: see the batch below"
         steps = f"{g['step_min']}" + (f"–{g['step_max']}" if g["step_max"] != g["step_min"] else "")
@@ -470,12 +471,46 @@ def _replay_lines(replay: dict) -> list[str]:
     return lines + [""]
 
 
+def _diagnosis_lines(diag: dict) -> list[str]:
+    """The interventional verdicts: why the most severe drop-offs happened."""
+    if not diag:
+        return []
+    lines = ["## Why the drop-offs happened (diagnosis by intervention)", ""]
+    budget, n = diag.get("budget", 0), diag.get("n_events", 0)
+    if diag.get("skipped"):
+        return lines + [f"No diagnosis: {diag['skipped']} ({n} drop-offs in all).", ""]
+    lines += [
+        f"The {len(diag['diagnosed'])} most severe of the study's {n} drop-offs (budget "
+        f"{budget}), each replayed from the checkpoint before it with one thing changed per "
+        "arm (exact, other augmentation draws, another order, the batch skipped, remedies).",
+        "",
+        "| run | drop-off | verdict | because | remedies | exact arm bitwise |",
+        "|---|---|---|---|---|---|",
+    ]
+    for d in diag["diagnosed"]:
+        e = d["event"]
+        what = f"{e['kind']} of {e['metric']} at {e['phase']} step {e['step']}"
+        if "failed" in d:
+            lines.append(f"| {d['run']} | {what} | failed ({d['failed']}) | | | |")
+            continue
+        remedies = ", ".join(f"{k} {v}" for k, v in d["remedies"].items()) or "-"
+        lines.append(
+            f"| {d['run']} | [{what}]({d['summary']}) | **{d['cause']}** | {d['because']} | "
+            f"{remedies} | {d['exact_bitwise']} |"
+        )
+    for d in diag["diagnosed"]:
+        if d.get("figure"):
+            lines += ["", f"![diagnosis of {d['run']} drop-off {d['index']}]({d['figure']})"]
+    return lines + [""]
+
+
 def write_report(out: str, summary: dict) -> str:
     """Writes OUT/report.md from a study's summary; returns its path."""
     k = summary["study"]["k_last"]
     lines = ["# Seed study: " + ", ".join(summary["study"]["vary"]), ""]
     lines += _what_was_run(summary)
     lines += ["## Results", ""] + _runs_table(summary, k)
+    lines += _diagnosis_lines(summary.get("diagnoses") or {})
     for point, entry in summary["points"].items():
         lines += _stats_table(point, entry, k) + _variance_lines(entry)
         lines += _dropoff_lines(point, entry)

@@ -120,6 +120,7 @@ def run_study(
     jobs_only: bool = False,
     replay: bool = True,
     replay_metric: str | None = None,
+    diagnose: int = 1,
     keep_checkpoints: str = "all",
     window: int = 5,
     k_last: int = 3,
@@ -141,6 +142,8 @@ def run_study(
         jobs_only: write OUT/jobs.txt and study.json and run nothing.
         replay: exactly replay the largest drop-off after the runs.
         replay_metric: only consider drop-offs whose metric starts with this (e.g. 'loss').
+        diagnose: diagnose this many of the most severe drop-offs (jaxrepro.diagnose, the
+            default arms); 0: none.
         keep_checkpoints: ``all``, or ``dropoffs``: after the analysis (and the replay),
             delete each finished run's checkpoints but its last one and the one before
             each of its drop-offs.
@@ -207,6 +210,7 @@ def run_study(
         n_boot=n_boot,
         replay=replay,
         replay_metric=replay_metric,
+        diagnose=diagnose,
         python=python,
         env=env,
     )
@@ -309,6 +313,7 @@ def main_from_flags(flags, config) -> int:
         parallel=flags.parallel,
         jobs_only=flags.jobs_only,
         replay=getattr(flags, "study_replay", True),
+        diagnose=getattr(flags, "study_diagnose", 1),
         keep_checkpoints=getattr(flags, "keep_checkpoints", "all"),
         command=_command_line(),
         force=getattr(flags, "force", False),

@@ -238,10 +238,14 @@ def analyze(
     n_boot=2000,
     replay=True,
     replay_metric=None,
+    diagnose=1,
     python=None,
     env=None,
 ) -> dict:
-    """Statistics, attribution, figures and the replay of a study's finished runs."""
+    """Statistics, attribution, figures, the replay and the diagnoses of a study's runs.
+
+    ``diagnose``: how many of the most severe drop-offs to diagnose (the budget).
+    """
     records = [_load(out, r, k_last) for r in runs if run_status(out, r) in FINISHED]
     missing = [r.name for r in runs if run_status(out, r) not in FINISHED]
     points = {}
@@ -272,4 +276,53 @@ def analyze(
         if replay
         else {"skipped": "replay disabled"}
     )
+    summary["diagnoses"] = diagnose_most_severe(out, records, diagnose, python, env)
     return summary
+
+
+def diagnose_most_severe(out: str, records: list[dict], budget: int, python=None, env=None):
+    """The ``budget`` most severe drop-offs of the study, each diagnosed with the default
+    arms by a ``jaxrepro diagnose`` process like the runs' own (logs/diagnose.txt). A
+    restarted study reuses a finished diagnosis (and the diagnosis its finished arms)."""
+    from jaxrepro.diagnose import engine
+
+    events = [(severity(e), r, i, e) for r in records for i, e in enumerate(r["events"])]
+    base = {"budget": budget, "n_events": len(events), "diagnosed": []}
+    if budget <= 0:
+        return dict(base, skipped="diagnosis disabled")
+    if not events:
+        return dict(base, skipped="no drop-off was detected in any run")
+    chosen = sorted(events, key=lambda t: (-t[0], t[1]["run"], t[2]))[:budget]
+    for sev, r, i, e in chosen:
+        where = os.path.join(r["workdir"], engine.DIR, engine.event_name(i, e))
+        path = os.path.join(where, "diagnosis.json")
+        if not os.path.exists(path):
+            argv = [python or sys.executable, "-m", "jaxrepro", "diagnose",
+                    f"--workdir={r['workdir']}", f"--dropoff={i}"]  # fmt: skip
+            with open(os.path.join(out, "logs", "diagnose.txt"), "a") as f:
+                subprocess.call(
+                    argv, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {}))
+                )
+        entry = {"run": r["run"], "index": i, "event": e, "severity": sev}
+        if not os.path.exists(path):
+            base["diagnosed"].append(dict(entry, failed="see logs/diagnose.txt"))
+            continue
+        d = jsonio.read_json(path)
+        rel = os.path.relpath(where, out)
+        base["diagnosed"].append(
+            dict(
+                entry,
+                cause=d["verdict"]["cause"],
+                rule=d["verdict"]["rule"],
+                because=d["verdict"]["because"],
+                remedies=d["verdict"]["remedies"],
+                families=d["verdict"]["families"],
+                exact_bitwise=d["exact_bitwise"],
+                restore_step=d["restore_step"],
+                until=d["until"],
+                window=d["window"],
+                summary=os.path.join(rel, "summary.md"),
+                figure=os.path.join(rel, d["figure"]),
+            )
+        )
+    return base

@@ -220,7 +220,7 @@ class Training:
                 batch, epoch = setup.device_batch(phase, s)
                 fn = self.programs.train_fn(phase, state, batch)
                 hooks.dispatch(s)
-                state, m = fn(state, batch, *setup.mesh_keys(phase))
+                state, m = fn(state, batch, *setup.step_inputs(phase))
                 record.dispatched(phase, s, epoch, m)
                 s += 1
                 done_steps += 1

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import traverse_util
+from optax._src import numerics
 
 HEAD = "fc"  # the classifier's top-level param name (jaxrepro.models layout)
 
@@ -32,13 +34,37 @@ def schedule(config, phase: str, total_steps: int) -> optax.Schedule:
     return optax.constant_schedule(peak)
 
 
+def scale_by_learning_rate(lr_schedule) -> optax.GradientTransformationExtraArgs:
+    """``optax.scale_by_learning_rate(lr_schedule)``, with a run-time multiplier.
+
+    ``update(..., lr_scale=s)`` scales by ``-(lr(count) * s)``; without it (or with s = 1)
+    the step size and so the updates are optax's own, bit for bit. The state is optax's
+    ``ScaleByScheduleState``, so checkpoints are unchanged.
+    """
+
+    def init(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None, *, lr_scale=None, **extra):
+        del params, extra
+        lr = lr_schedule(state.count)
+        if lr_scale is not None:
+            lr = lr * lr_scale
+        step_size = -1 * lr
+        updates = jax.tree.map(lambda g: jnp.array(step_size, dtype=g.dtype) * g, updates)
+        return updates, optax.ScaleByScheduleState(count=numerics.safe_increment(state.count))
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
 def _adam(config, lr_schedule) -> optax.GradientTransformation:
     opt = config.optimizer
     parts = [optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps)]
     if opt.weight_decay:
         # Decoupled weight decay (AdamW): applied to the update, scaled by the lr below.
         parts.append(optax.add_decayed_weights(opt.weight_decay))
-    parts.append(optax.scale_by_learning_rate(lr_schedule))
+    parts.append(scale_by_learning_rate(lr_schedule))
     return optax.chain(*parts)
 
 

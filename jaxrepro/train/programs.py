@@ -58,7 +58,7 @@ class Programs:
                 fn = par.jit_train_step(with_packed_metrics(make_train_step(**self._static(phase))))
             t0 = time.perf_counter()
             with self.hooks.span("compile", phase.start) if self.hooks else _nothing():
-                compiled = fn.lower(state, batch, *self.setup.mesh_keys(phase)).compile()
+                compiled = fn.lower(state, batch, *self.setup.step_inputs(phase)).compile()
             self.compile_s[f"train_{phase.name}"] = round(time.perf_counter() - t0, 3)
             self._train[phase.name] = compiled
         return self._train[phase.name]

@@ -19,6 +19,7 @@ from jaxrepro import parallel, rng
 from jaxrepro.data import order as order_lib
 from jaxrepro.errors import ConfigError
 from jaxrepro.train import state as state_lib
+from jaxrepro.train.step import step_controls
 from jaxrepro.workdir import shown
 
 log = logging.getLogger("jaxrepro")
@@ -112,7 +113,7 @@ class RunSetup:
         self.origin = origin
         self.seeds = rng.resolve_seeds(config)
         self.roots = rng.roots(self.seeds)
-        self._data_key = order_lib.host_key(self.roots["data"])
+        self.data_key = order_lib.host_key(self.roots["data"])
         self.conv_impl = resolve_conv_impl(config)
         self.par = parallel.DataParallel(config.parallel.num_devices)
         self.data = load_data(config)
@@ -121,7 +122,7 @@ class RunSetup:
         self.end = self.total
         if origin is not None and origin.until is not None:
             self.end = min(origin.until, self.total)
-        self._mesh_keys = {}
+        self._step_inputs = {}
 
     # -- phases
     def phase_of(self, step: int) -> state_lib.Phase:
@@ -178,11 +179,13 @@ class RunSetup:
             rng.phase_root(self.roots["dropout"], phase.name),
         )
 
-    def mesh_keys(self, phase):
-        """``keys(phase)`` replicated on the mesh, as the compiled step takes them."""
-        if phase.name not in self._mesh_keys:
-            self._mesh_keys[phase.name] = self.par.replicate(self.keys(phase))
-        return self._mesh_keys[phase.name]
+    def step_inputs(self, phase):
+        """``keys(phase)`` and the default ``step_controls()`` (the configured training),
+        replicated on the mesh: the compiled step's inputs after the state and batch."""
+        if phase.name not in self._step_inputs:
+            inputs = (*self.keys(phase), step_controls())
+            self._step_inputs[phase.name] = self.par.replicate(inputs)
+        return self._step_inputs[phase.name]
 
     # -- batches
     def batch_ids(self, phase, step: int) -> tuple[np.ndarray, np.ndarray]:
@@ -191,7 +194,7 @@ class RunSetup:
         if self.origin is not None and step >= self.origin.step:
             position += self.origin.skip_batches
         return order_lib.batch_ids(
-            self._data_key,
+            self.data_key,
             phase.name,
             position,
             phase.batch_size,

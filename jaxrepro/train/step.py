@@ -1,7 +1,7 @@
 """The pure train and eval steps.
 
-``train_step(state, batch, aug_root, dropout_root) -> (state, metrics)`` is a pure function
-of its arguments: augmentation keys are derived inside from (root, epoch, example id), and
+``train_step(state, batch, aug_root, dropout_root, controls) -> (state, metrics)`` is a pure
+function of its arguments: augmentation keys are derived inside from (root, epoch, example id), and
 the dropout key from (root, step), so the step needs no key in the state and a resumed run
 draws the same numbers.
 """
@@ -9,6 +9,7 @@ draws the same numbers.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -48,14 +49,26 @@ def _select(pred, new, old):
     return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
 
 
-def apply_step(state, loss, grads, batch_stats, *, tx, policy: str, update_norm: bool = True):
+def step_controls(lr_scale: float = 1.0, clip_norm: float = math.inf) -> jax.Array:
+    """A train step's run-time controls: a learning-rate multiplier and a global-norm clip.
+
+    Inputs of the compiled step, not constants, so one program serves training (1, inf:
+    bit-identical to no control) and every arm of a diagnosis (jaxrepro/diagnose).
+    """
+    return jnp.asarray([lr_scale, clip_norm], jnp.float32)
+
+
+def apply_step(
+    state, loss, grads, batch_stats, *, tx, policy: str, update_norm: bool = True, controls=None
+):
     """The end of every train step: the non-finite guard, the update, the new state.
 
     The update is taken when the loss and the gradients are finite (and, with policy
     'stop', no earlier step was skipped); else params, opt_state and batch_stats stay as
     they were and the skip is counted. The update runs under ``lax.cond``, not per-leaf
     selects: the skipped branch costs nothing and the taken one updates the donated Adam
-    state in place (train/update.py).
+    state in place (train/update.py). ``controls`` (``step_controls``): the learning-rate
+    multiplier and the gradient clip applied to this update.
 
     Returns ``(new_state, {"grad_norm", "update_norm", "finite", "applied"})``.
     """
@@ -63,7 +76,14 @@ def apply_step(state, loss, grads, batch_stats, *, tx, policy: str, update_norm:
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     apply = finite if policy == "skip" else finite & (state.nonfinite == 0)
     params, opt_state, norm = guarded_update(
-        tx, state.params, state.opt_state, grads, apply, update_norm=update_norm
+        tx,
+        state.params,
+        state.opt_state,
+        grads,
+        apply,
+        update_norm=update_norm,
+        controls=controls,
+        grad_norm=grad_norm,
     )
     new_state = TrainState(
         step=state.step + 1,
@@ -98,6 +118,7 @@ def train_step(
     batch: dict,
     aug_root: jax.Array,
     dropout_root: jax.Array,
+    controls: jax.Array,
     *,
     module,
     tx,
@@ -110,6 +131,9 @@ def train_step(
     update_norm: bool = True,
 ):
     """One optimizer step on ``batch`` (uint8 images, labels, example ids, epochs).
+
+    ``controls`` (``step_controls``): the learning-rate multiplier and gradient clip of
+    this step; (1, inf) is the configured training, bit for bit.
 
     A non-finite loss or gradient leaves params, opt_state and batch_stats unchanged.
     With policy 'stop', every later step is a no-op too, so the state stays the last good
@@ -133,7 +157,14 @@ def train_step(
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     new_state, tail = apply_step(
-        state, loss, grads, batch_stats, tx=tx, policy=policy, update_norm=update_norm
+        state,
+        loss,
+        grads,
+        batch_stats,
+        tx=tx,
+        policy=policy,
+        update_norm=update_norm,
+        controls=controls,
     )
     metrics = {
         "loss": loss,
@@ -141,7 +172,7 @@ def train_step(
         "grad_norm": tail["grad_norm"],
         "update_norm": tail["update_norm"],
         "param_norm": optax.tree.norm(new_state.params),
-        "lr": lr_fn(state.step - phase_start),
+        "lr": lr_fn(state.step - phase_start) * controls[0],
         "finite": tail["finite"],
         "applied": tail["applied"],
         # What the model actually saw, per channel: catches a forgotten normalisation.
@@ -182,10 +213,10 @@ def unpack_metrics(packed) -> dict:
 
 
 def with_packed_metrics(step_fn):
-    """``step_fn(state, batch, aug_root, dropout_root)`` returning its metrics packed."""
+    """``step_fn(state, batch, *inputs)`` returning its metrics packed."""
 
-    def fn(state, batch, aug_root, dropout_root):
-        state, metrics = step_fn(state, batch, aug_root, dropout_root)
+    def fn(state, batch, *inputs):
+        state, metrics = step_fn(state, batch, *inputs)
         return state, pack_metrics(metrics)
 
     return fn

@@ -16,12 +16,15 @@ makes XLA store the updates, which is most of what remains of the tail on CPU.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
 
 
-def guarded_update(tx, params, opt_state, grads, apply, *, update_norm: bool = True):
+def guarded_update(
+    tx, params, opt_state, grads, apply, *, update_norm: bool = True, controls=None, grad_norm=None
+):
     """``tx``'s update applied when ``apply`` (a scalar bool), else the inputs unchanged.
 
     Args:
@@ -29,6 +32,10 @@ def guarded_update(tx, params, opt_state, grads, apply, *, update_norm: bool = T
       params, opt_state, grads: pytrees as ``tx.update`` takes them.
       apply: scalar bool array: whether to take the step.
       update_norm: whether to compute the global norm of the applied update.
+      controls: None, or ``train.step.step_controls``: ``[lr_scale, clip_norm]``. The
+        gradient is clipped to global norm ``clip_norm`` (``grad_norm``, its norm) and the
+        learning rate multiplied by ``lr_scale`` (``tx`` built by train/optimizer.py);
+        (1, inf) gives the same bits as no controls.
 
     Returns:
       ``(params, opt_state, norm)``: norm is that of the update (0.0 when skipped; NaN
@@ -40,7 +47,14 @@ def guarded_update(tx, params, opt_state, grads, apply, *, update_norm: bool = T
 
     def take(operand):
         p, o, g = operand
-        updates, o = tx.update(g, o, p)
+        if controls is None:
+            updates, o = tx.update(g, o, p)
+        else:
+            lr_scale, clip_norm = controls[0], controls[1]
+            over = grad_norm > clip_norm  # never with inf: the gradient bit for bit
+            factor = clip_norm / grad_norm
+            g = jax.tree.map(lambda x: jnp.where(over, x * factor.astype(x.dtype), x), g)
+            updates, o = tx.update(g, o, p, lr_scale=lr_scale)
         norm = optax.tree.norm(updates) if update_norm else jnp.float32(jnp.nan)
         return optax.apply_updates(p, updates), o, jnp.asarray(norm, jnp.float32)
 
