@@ -83,7 +83,6 @@ def apply_step(
         apply,
         update_norm=update_norm,
         controls=controls,
-        grad_norm=grad_norm,
     )
     new_state = TrainState(
         step=state.step + 1,

@@ -23,7 +23,7 @@ from jax import lax
 
 
 def guarded_update(
-    tx, params, opt_state, grads, apply, *, update_norm: bool = True, controls=None, grad_norm=None
+    tx, params, opt_state, grads, apply, *, update_norm: bool = True, controls=None
 ):
     """``tx``'s update applied when ``apply`` (a scalar bool), else the inputs unchanged.
 
@@ -33,9 +33,9 @@ def guarded_update(
       apply: scalar bool array: whether to take the step.
       update_norm: whether to compute the global norm of the applied update.
       controls: None, or ``train.step.step_controls``: ``[lr_scale, clip_norm]``. The
-        gradient is clipped to global norm ``clip_norm`` (``grad_norm``, its norm) and the
-        learning rate multiplied by ``lr_scale`` (``tx`` built by train/optimizer.py);
-        (1, inf) gives the same bits as no controls.
+        gradient is clipped to global norm ``clip_norm`` and the learning rate multiplied
+        by ``lr_scale`` (``tx`` built by train/optimizer.py); (1, inf) gives the same bits
+        as no controls.
 
     Returns:
       ``(params, opt_state, norm)``: norm is that of the update (0.0 when skipped; NaN
@@ -51,9 +51,7 @@ def guarded_update(
             updates, o = tx.update(g, o, p)
         else:
             lr_scale, clip_norm = controls[0], controls[1]
-            over = grad_norm > clip_norm  # never with inf: the gradient bit for bit
-            factor = clip_norm / grad_norm
-            g = jax.tree.map(lambda x: jnp.where(over, x * factor.astype(x.dtype), x), g)
+            g = _clipped(g, clip_norm)
             updates, o = tx.update(g, o, p, lr_scale=lr_scale)
         norm = optax.tree.norm(updates) if update_norm else jnp.float32(jnp.nan)
         return optax.apply_updates(p, updates), o, jnp.asarray(norm, jnp.float32)
@@ -63,3 +61,16 @@ def guarded_update(
         return p, o, jnp.float32(0.0 if update_norm else jnp.nan)
 
     return lax.cond(apply, take, skip, (params, opt_state, grads))
+
+
+def _clipped(grads, clip_norm):
+    """``grads`` scaled to global norm ``clip_norm`` when longer; with inf they pass as they
+    are (a cond: the clipping branch, and its own norm of the gradient, only run when
+    asked for; the step's logged gradient norm is computed apart, as without controls)."""
+
+    def clip(g):
+        norm = optax.tree.norm(g)
+        factor = jnp.minimum(1.0, clip_norm / norm)
+        return jax.tree.map(lambda x: x * factor.astype(x.dtype), g)
+
+    return lax.cond(jnp.isfinite(clip_norm), clip, lambda g: g, grads)
