@@ -6,6 +6,7 @@ r"""``jaxrepro bench``: the JAX train step against PyTorch, and the costs around
     jaxrepro bench checkpoint [config=configs/digits.py rounds=4]  (save/restore, 3 layouts)
     jaxrepro bench memory  [configs=configs/digits.py:smoke,configs/digits.py]
     jaxrepro bench portable [arch=resnet50 size=32 batch=32 rounds=4 iters=8]  (vs native)
+    jaxrepro bench diagnose [config=configs/digits.py steps=80 onset=60]  (arm step vs step)
     jaxrepro bench detector [seeds=4 sets=... labels=... record=current|baseline]
                            (the drop-off detector on labelled streams: detector_bench.py)
     jaxrepro bench all
@@ -577,6 +578,9 @@ def _jobs(sub: str, words: list[str]):
         ),
         "memory": lambda: bench_runs.bench_memory(parse_options(words, bench_runs.MEMORY_DEFAULTS)),
         "portable": lambda: bench_portable(parse_options(words, PORTABLE_DEFAULTS)),
+        "diagnose": lambda: bench_runs.bench_diagnose(
+            parse_options(words, bench_runs.DIAGNOSE_DEFAULTS)
+        ),
         "detector": lambda: detector_bench.bench_detector(
             parse_options(words, detector_bench.DEFAULTS)
         ),
@@ -603,6 +607,7 @@ def _validate_words(sub: str, words: list[str]) -> None:
         "checkpoint": bench_runs.CHECKPOINT_DEFAULTS,
         "memory": bench_runs.MEMORY_DEFAULTS,
         "portable": PORTABLE_DEFAULTS,
+        "diagnose": bench_runs.DIAGNOSE_DEFAULTS,
         "detector": detector_bench.DEFAULTS,
     }[sub]
     opts = parse_options(words, defaults)

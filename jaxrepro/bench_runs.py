@@ -574,3 +574,94 @@ def peak_rss_of_run(config_arg: str, workdir: str, data_dir: str = "") -> dict:
         "peak_rss_mib": usage.ru_maxrss / 1024,  # Linux reports KiB
         "stderr_tail": stderr[-500:] if proc.returncode else "",
     }  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- diagnose
+
+DIAGNOSE_DEFAULTS = {
+    "config": "configs/digits.py",
+    "set": "",
+    "data_dir": "",
+    "steps": 80,  # the run: pretraining only, evals and checkpoints every 20 steps
+    "onset": 60,  # the diagnosed event's step (planted: the bench times, it does not judge)
+    "arms": "exact,aug:4,order:2,skip,lr:0.5,clip:1.0",
+}
+
+
+def bench_diagnose(opts: dict) -> dict:
+    """A diagnosis's cost against the run's own: one arm's step over one training step,
+    and the fixed cost (restore, compile, the restored state's eval) warm and cold.
+
+    The run is the config cut to ``steps`` pretraining steps (evals and checkpoints every
+    20), timed between evals as ``bench e2e`` does; its dropoffs.json is replaced by one
+    event at ``onset`` so the arms run from the checkpoint before it to the phase's end.
+    Then ``jaxrepro diagnose`` runs twice as a process of its own: with the compile cache
+    the run filled (warm) and with an empty one (cold).
+    """
+    import shutil
+    import subprocess
+    import sys
+
+    from jaxrepro import dropoff as dropoff_lib
+    from jaxrepro import jsonio
+    from jaxrepro.bench import machine_info
+    from jaxrepro.diagnose import arms as arms_lib
+    from jaxrepro.diagnose import engine
+
+    if not 0 < opts["onset"] < opts["steps"]:
+        raise ValueError(f"bench option onset must be in (0, steps), got {opts['onset']}")
+    arms_lib.parse_arms(opts["arms"])
+    config = load_config(opts["config"], opts["set"], opts["data_dir"])
+    with config.unlocked():
+        config.pretrain.epochs, config.pretrain.steps = None, opts["steps"]
+        config.finetune.epochs, config.finetune.steps = None, 0
+        config.pretrain.eval_every = config.checkpoint.every = 20
+        config.checkpoint.keep_last = 100
+    out = {"kind": "diagnose", "options": opts, "machine": machine_info()}
+    with tempfile.TemporaryDirectory(prefix="jaxrepro-diag-") as tmp:
+        run = os.path.join(tmp, "run")
+        timed = _run_timed(config, run, warmup=20)
+        timed.pop("entries", None)
+        step_s = timed["window_s"] / timed["steps"]  # evals in the window included
+        event = {"step": opts["onset"], "phase": "pretrain", "metric": "loss", "kind": "spike",
+                 "before": 1.0, "after": 4.0, "size": 3.0, "end_step": opts["onset"],
+                 "peak_step": opts["onset"], "peak_after": 4.0, "peak_size": 3.0,
+                 "confirmed_step": opts["onset"], "severity": 1.0}  # fmt: skip
+        dropoff_lib.write_dropoffs(run, [event])
+        runs = {}
+        for name in ("warm", "cold"):
+            shutil.rmtree(os.path.join(run, engine.DIR), ignore_errors=True)
+            env = dict(os.environ)
+            if name == "cold":
+                env["JAXREPRO_COMPILE_CACHE_DIR"] = os.path.join(tmp, "empty-cache")
+            argv = [sys.executable, "-m", "jaxrepro", "diagnose", f"--workdir={run}",
+                    "--dropoff=0", f"--arms={opts['arms']}"]  # fmt: skip
+            t0 = time.perf_counter()
+            proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            if proc.returncode not in (0, 1):
+                raise RuntimeError(f"diagnose failed: {proc.stderr[-2000:]}")
+            (d,) = [
+                jsonio.read_json(os.path.join(run, engine.DIR, e, "diagnosis.json"))
+                for e in os.listdir(os.path.join(run, engine.DIR))
+                if os.path.isfile(os.path.join(run, engine.DIR, e, "diagnosis.json"))
+            ]
+            arm_s = sum(d["timing"]["arms"].values())
+            n_arms = len(d["timing"]["arms"])
+            runs[name] = {
+                "process_wall_s": round(wall, 2),
+                "fixed_s": d["timing"]["fixed_s"],
+                "setup_s": d["timing"].get("setup_s"),
+                "arms": n_arms,
+                "steps_per_arm": d["steps_per_arm"],
+                "arm_step_s": arm_s / (n_arms * d["steps_per_arm"]),
+                "exact_bitwise": d["exact_bitwise"],
+            }
+    out.update(
+        run=timed,
+        train_step_s=step_s,
+        diagnosis=runs,
+        arm_step_over_train_step=round(runs["warm"]["arm_step_s"] / step_s, 3),
+        loadavg_after=[round(x, 2) for x in os.getloadavg()],
+    )
+    return out

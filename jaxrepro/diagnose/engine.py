@@ -123,7 +123,17 @@ class ArmRunner:
         self.setup, self.programs, self.evaluator, self.phase = setup, programs, evaluator, phase
         self.aug_root, self.dropout_root = setup.keys(phase)
 
-    def run(self, state0, arm, restore: int, until: int, onset: int) -> list[dict]:
+    def warm(self, state0, restore: int) -> list[dict]:
+        """Compiles the phase's step and evaluates the restored state (every arm starts from
+        it, so they share these rows); returns them."""
+        batch, _ = self.setup.device_batch(self.phase, restore)
+        self.programs.train_fn(self.phase, state0, batch)
+        if _due(self.phase.eval_every, restore - self.phase.start):
+            return self.evaluator.evaluate(self.phase, state0, restore)
+        return []
+
+    def run(self, state0, arm, restore: int, until: int, onset: int, first=()) -> list[dict]:
+        """The rows of ``arm`` from ``restore`` to ``until``; ``first``: ``warm``'s rows."""
         setup, phase = self.setup, self.phase
         par = setup.par
         aug_root = self.aug_root
@@ -149,7 +159,9 @@ class ArmRunner:
             pending.clear()
 
         for s in range(restore, until):
-            if _due(phase.eval_every, s - phase.start):
+            if s == restore:
+                rows.extend(first)
+            elif _due(phase.eval_every, s - phase.start):
                 read()
                 if stopped:
                     break
@@ -277,14 +289,13 @@ def diagnose(
         programs = Programs(setup)
         evaluator = Evaluator(setup, programs)
         original = ws.metrics()
-        fixed_s = None
+        setup_s = round(time.perf_counter() - t0, 3)
         out = []
         for index, event, restore in plans:
             diag = _diagnose_event(
                 ws, setup, programs, evaluator, original, index, event, restore,
-                arm_list, after, window, platform, config,
+                arm_list, after, window, platform, config, setup_s,
             )  # fmt: skip
-            fixed_s = fixed_s if fixed_s is not None else diag["timing"]["fixed_s"]
             out.append(diag)
         _write_summary(root, out, time.perf_counter() - t0)
     return out
@@ -292,7 +303,7 @@ def diagnose(
 
 def _diagnose_event(
     ws, setup, programs, evaluator, original, index, event, restore, arm_list, after, window,
-    platform, config,
+    platform, config, setup_s,
 ) -> dict:  # fmt: skip
     name = event_name(index, event)
     d = os.path.join(ws.path, DIR, name)
@@ -312,20 +323,20 @@ def _diagnose_event(
     until = min(max(onset + after, confirmed + 1), phase.end)
     history = [r for r in original if r["step"] < restore]
     runner = ArmRunner(setup, programs, evaluator, phase)
-    arm_rows, timing = {}, {"arms": {}}
+    arm_rows, timing, first = {}, {"arms": {}, "setup_s": setup_s}, None
     for arm in arm_list:
         path = os.path.join(d, "arms", f"{arm.name}.jsonl")
         if os.path.exists(path):  # finished before an interruption
             arm_rows[arm.name] = jsonio.read_jsonl(path)
             continue
-        start = time.perf_counter()
-        rows = runner.run(state0, arm, restore, until, onset)
-        timing["arms"][arm.name] = round(time.perf_counter() - start, 3)
-        if "fixed_s" not in timing:  # restore + compile + first eval, in the first arm
+        if first is None:  # restore, compile and the restored state's eval: the fixed cost
+            first = runner.warm(state0, restore)
             timing["fixed_s"] = round(time.perf_counter() - t0, 3)
+        start = time.perf_counter()
+        rows = runner.run(state0, arm, restore, until, onset, first)
+        timing["arms"][arm.name] = round(time.perf_counter() - start, 3)
         jsonio.write_jsonl(path, rows)
         arm_rows[arm.name] = rows
-    timing.setdefault("fixed_s", round(time.perf_counter() - t0, 3))
     outcomes = [
         outcome(a, arm_rows[a.name], history, event, config.dropoff, window, restore, until)
         for a in arm_list

@@ -22,9 +22,7 @@ import optax
 from jax import lax
 
 
-def guarded_update(
-    tx, params, opt_state, grads, apply, *, update_norm: bool = True, controls=None
-):
+def guarded_update(tx, params, opt_state, grads, apply, *, update_norm: bool = True, controls=None):
     """``tx``'s update applied when ``apply`` (a scalar bool), else the inputs unchanged.
 
     Args:
