@@ -32,7 +32,8 @@ from jaxrepro import dropoff as dropoff_lib
 from jaxrepro import hashing, jsonio, machine, parallel, rng
 from jaxrepro.checkpoints import Checkpoints, protected_steps
 from jaxrepro.data import order as order_lib
-from jaxrepro.errors import CheckpointError, ConfigError, JaxreproError, WorkdirError
+from jaxrepro.data import pipeline as pipeline_lib
+from jaxrepro.errors import CheckpointError, ConfigError, DataError, JaxreproError, WorkdirError
 from jaxrepro.sigterm import SigtermFlag
 from jaxrepro.train import runinfo
 from jaxrepro.train import state as state_lib
@@ -71,7 +72,13 @@ class Data:
 
 def load_data(config) -> Data:
     d = config.data
-    kw = dict(data_dir=d.data_dir, image_size=d.image_size)
+    kw = dict(
+        data_dir=d.data_dir,
+        image_size=d.image_size,
+        jpeg_draft=d.jpeg_draft,
+        on_corrupt=d.on_corrupt,
+        max_in_memory_bytes=int(config.runtime.max_in_memory_mb) << 20,
+    )
     return Data(
         source_train=data_lib.load(d.source.name, d.source.train_split, **kw),
         source_eval=data_lib.load(d.source.name, d.source.eval_split, **kw),
@@ -264,6 +271,9 @@ class Runner:
         self.end = self.total
         if origin is not None and origin.until is not None:
             self.end = min(origin.until, self.total)
+        self.plan = self._make_plan()
+        self.prefetcher = None  # the worker pipeline of the run's lazily read train steps
+        self.data_wait = pipeline_lib.WaitStats()  # how long steps waited for their batch
         self.ckpts = Checkpoints(ws.checkpoint_dir) if checkpoints else None
         self.resume_step = self.ckpts.latest_step() if resuming else None
         self.info = ws.read_run() if resuming else {}
@@ -372,19 +382,60 @@ class Runner:
         return bs if self.eval_one_device else self.par.round_up(bs)
 
     # -- data
+    def _make_plan(self) -> pipeline_lib.Plan:
+        """Which ids every step reads (the data order, a replay's skip, this host's rows)."""
+        origin = self.origin
+        segments = tuple(
+            pipeline_lib.Segment(
+                phase=p.name,
+                start=p.start,
+                end=p.end,
+                batch_size=p.batch_size,
+                reader=self.data.train(p.name).reader,
+                skip_from=None if origin is None else origin.step,
+                skip_batches=0 if origin is None else origin.skip_batches,
+            )
+            for p in self.phases
+            if p.steps > 0
+        )
+        return pipeline_lib.Plan(
+            data_key=self._data_key,
+            remainder=self.config.data.remainder,
+            segments=segments,
+            process_index=self.par.process_index,
+            process_count=self.par.process_count,
+            local_devices=self.par.local_devices,
+        )
+
     def batch_ids(self, phase, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(example ids, their epochs) of the global batch of ``step``."""
-        position = step - phase.start
-        if self.origin is not None and step >= self.origin.step:
-            position += self.origin.skip_batches
-        return order_lib.batch_ids(
-            self._data_key,
-            phase.name,
-            position,
-            phase.batch_size,
-            len(self.data.train(phase.name)),
-            self.config.data.remainder,
-        )
+        if not phase.start <= step < phase.end:
+            raise ValueError(f"step {step} is not in phase {phase.name}")
+        return self.plan.global_ids(step)
+
+    def start_pipeline(self, start: int) -> None:
+        """Worker processes decode the batches of the lazily read train steps from ``start``
+        on, ahead of the step (``runtime.data_workers`` > 0; in-memory splits need none)."""
+        workers = int(self.config.runtime.data_workers)
+        lazy = [
+            np.arange(max(start, p.start), min(self.end, p.end))
+            for p in self.phases
+            if not self.data.train(p.name).in_memory
+        ]
+        steps = np.concatenate([np.zeros(0, np.int64), *lazy])
+        if workers > 0 and len(steps):
+            self.prefetcher = pipeline_lib.Prefetcher(
+                self.plan, steps, workers=workers, prefetch=int(self.config.runtime.data_prefetch)
+            )
+            log.info(
+                "%d data worker processes decode the batches of %d steps ahead",
+                workers,
+                len(steps),
+            )
+
+    def stop_pipeline(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
 
     def batch(self, phase, step: int) -> dict:
         """The global batch of ``step`` as host arrays (every host's rows)."""
@@ -395,9 +446,47 @@ class Runner:
 
         This host reads only its own rows of the global batch (``parallel.host_slice``).
         """
-        ids, epochs = self.batch_ids(phase, step)
-        local = self._read(phase, self.par.host_slice(ids), self.par.host_slice(epochs))
-        return self.par.shard_batch(local, phase.batch_size), int(epochs[0])
+        src = self.data.train(phase.name)
+        t0 = time.perf_counter()
+        if self.prefetcher is not None and not src.in_memory:
+            batch = self.prefetcher.get(step)
+            epoch = int(self.plan.global_ids(step)[1][0])
+            self._note_corrupt(src, batch["corrupt"])
+            local = {k: batch[k] for k in ("image", "label", "id", "epoch")}
+        else:
+            ids, epochs = self.batch_ids(phase, step)
+            local = self._read(phase, self.par.host_slice(ids), self.par.host_slice(epochs))
+            epoch = int(epochs[0])
+        self.data_wait.add(time.perf_counter() - t0)
+        return self.par.shard_batch(local, phase.batch_size), epoch
+
+    @staticmethod
+    def _note_corrupt(src, ids) -> None:
+        """Records the corrupt records a worker skipped (with their error, read here once)."""
+        for index in map(int, ids):
+            if index not in src.corrupt:
+                try:
+                    src.reader.example(index)
+                    src.corrupt[index] = "decoded here, not in the worker"
+                except data_lib.CorruptRecordError as error:
+                    src.corrupt[index] = str(error.__cause__)
+                log.warning("skipped corrupt record %d of %s %s", index, src.name, src.split)
+
+    def corrupt_report(self) -> list[dict]:
+        """Every corrupt record met so far (each once), for run.json."""
+        seen = {}
+        for src in (
+            self.data.source_train,
+            self.data.source_eval,
+            self.data.target_train,
+            self.data.target_eval,
+        ):
+            for index, error in src.corrupt.items():
+                seen[(src.name, src.split, index)] = error
+        return [
+            {"dataset": name, "split": split, "id": index, "error": error}
+            for (name, split, index), error in sorted(seen.items())
+        ]
 
     def _read(self, phase, ids, epochs) -> dict:
         images, labels = self.data.train(phase.name).get(ids)
@@ -556,6 +645,16 @@ class Runner:
     def run(self, stop_after: int | None) -> dict:
         if self.ckpts is None:
             raise RuntimeError("this Runner was made with checkpoints=False and cannot run")
+        try:
+            return self._run(stop_after)
+        except DataError as e:  # a corrupt record, a dead data worker: say so in run.json
+            if self.primary:
+                self.ws.update_run(status="failed", error=f"{type(e).__name__}: {str(e)[:2000]}")
+            raise
+        finally:
+            self.stop_pipeline()
+
+    def _run(self, stop_after: int | None) -> dict:
         state, state_phase, start, how = self._start()
         self._write_run_start(start, how, state)
         state = self.par.replicate(state)
@@ -575,6 +674,7 @@ class Runner:
         self._nonfinite = int(np.asarray(state.nonfinite))
         self._stop_at = None
         status, t_start, last_print, done_steps = "running", time.perf_counter(), 0.0, 0
+        self.start_pipeline(start)
         with SigtermFlag() as sigterm, frozen_gc():  # preemption: checkpoint, exit cleanly
             s, stopping = start, False
             while s < self.end:
@@ -771,6 +871,16 @@ class Runner:
             # (dispatched before the host read the stop) are not part of its record.
             nonfinite_steps=self._nonfinite,
             dropoff_count=len(self.detector.events),
+            data_pipeline={
+                "workers": int(self.config.runtime.data_workers),
+                "prefetch": int(self.config.runtime.data_prefetch),
+                "lazy_train_splits": [
+                    p.name for p in self.phases if not self.data.train(p.name).in_memory
+                ],
+                "decoder": data_lib.decoder_version(),
+            },
+            data_wait=self.data_wait.to_dict(),
+            corrupt_records=self.corrupt_report(),
         )
         if status in ("done", "diverged"):
             fields["final_param_hash"] = hashing.tree_hash(state.params)
