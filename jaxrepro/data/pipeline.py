@@ -12,9 +12,10 @@ Worker ``w`` of ``W`` decodes the batches of steps ``w, w + W, ...`` (of the ste
 for) and Grain interleaves them back in step order; each batch is a pure function of its
 step (ids from the plan, pixels from :class:`~jaxrepro.data.sources.Reader`), so the
 batches do not depend on the worker count, the prefetch depth or where a pipeline starts
-(a resume starts one at the resume step). Memory is bounded: each worker holds at most
-``prefetch`` finished batches (in shared memory) plus the one it decodes, and the
-training process buffers ``prefetch`` per worker. Augmentation stays in the compiled step.
+(a resume starts one at the resume step). Memory is bounded: per worker, at most
+``prefetch`` finished batches wait in its queue (in shared memory, /dev/shm), ``prefetch``
+more in the training process's read-ahead thread, plus the one it decodes: about
+``workers * (2 * prefetch + 1)`` batches in all. Augmentation stays in the compiled step.
 
 The training process also computes each step's ids and checks that the batch it gets
 holds exactly them (:meth:`Prefetcher.get`), so a batch can never silently be another's.

@@ -311,15 +311,29 @@ def prepare(name: str, data_dir: str | None = None, *, manual_dir: str | None = 
     else:
         builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
         if not builder.is_prepared():
-            check_data_dir(data_dir, name)
-            _check_prepare_requirements(name)
-            _check_manual_files(name, data_dir, manual_dir)
+            problems = []  # all of them at once: each may take the user a while to fix
+            for check in (
+                lambda: _check_manual_files(name, data_dir, manual_dir),
+                lambda: check_data_dir(data_dir, name),
+                lambda: _check_prepare_requirements(name),
+            ):
+                try:
+                    check()
+                except DataError as e:
+                    problems.append(str(e))
+            if len(problems) == 1:
+                raise DataError(problems[0])
+            if problems:
+                raise DataError(" ".join(f"({i}) {p}" for i, p in enumerate(problems, 1)))
             config = tfds.download.DownloadConfig(manual_dir=manual_dir)
             builder.download_and_prepare(file_format="array_record", download_config=config)
             builder = tfds.builder(name, data_dir=data_dir)  # reads the written info
+    image_key = (builder.info.supervised_keys or ("image",))[0]
+    varying = None in builder.info.features[image_key].shape[:2]
+    decoding = Decoding(image_size=32 if varying else None)  # any size: it checks decoding
     for split in builder.info.splits:
         source = _open_split(builder, name, split, data_dir)
-        check_split(builder, name, split, Reader(name, split, source, builder.info, Decoding()))
+        check_split(builder, name, split, Reader(name, split, source, builder.info, decoding))
     return str(builder.data_dir)
 
 
