@@ -6,12 +6,13 @@ r"""``jaxrepro bench``: the JAX train step against PyTorch, and the costs around
     jaxrepro bench checkpoint [config=configs/digits.py rounds=4]  (save/restore, 3 layouts)
     jaxrepro bench memory  [configs=configs/digits.py:smoke,configs/digits.py]
     jaxrepro bench portable [arch=resnet50 size=32 batch=32 rounds=4 iters=8]  (vs native)
+    jaxrepro bench data    [image_size=224 batch=32 workers=1,2 ...]  (host input pipeline)
     jaxrepro bench all
 
 Options are ``key=value`` words after the sub-command (absl owns ``--flags``); ``--out``
 is the output directory (default ``results/bench``). Each sub-command writes one JSON
 file there (``step.json``, ``startup.json``, ``e2e.json``, ``checkpoint.json``,
-``memory.json``; ``step
+``memory.json``, ``data.json``; ``step
 cores=1`` writes ``step_cores1.json``). results/bench/NOTES.md reads them.
 
 How ``step`` measures (the machine may be shared, so nothing is timed alone):
@@ -531,7 +532,7 @@ def main(args: list[str], FLAGS) -> int:  # noqa: N803 - absl's name
 
 
 def _jobs(sub: str, words: list[str]):
-    from jaxrepro import bench_runs
+    from jaxrepro import bench_data, bench_runs
 
     subs = {
         "step": lambda: bench_step(parse_options(words, STEP_DEFAULTS)),
@@ -544,6 +545,7 @@ def _jobs(sub: str, words: list[str]):
         ),
         "memory": lambda: bench_runs.bench_memory(parse_options(words, bench_runs.MEMORY_DEFAULTS)),
         "portable": lambda: bench_portable(parse_options(words, PORTABLE_DEFAULTS)),
+        "data": lambda: bench_data.bench_data(parse_options(words, bench_data.DATA_DEFAULTS)),
     }
     if sub == "all":
         if words:
@@ -558,7 +560,7 @@ def _jobs(sub: str, words: list[str]):
 
 
 def _validate_words(sub: str, words: list[str]) -> None:
-    from jaxrepro import bench_runs
+    from jaxrepro import bench_data, bench_runs
 
     defaults = {
         "step": STEP_DEFAULTS,
@@ -567,6 +569,7 @@ def _validate_words(sub: str, words: list[str]) -> None:
         "checkpoint": bench_runs.CHECKPOINT_DEFAULTS,
         "memory": bench_runs.MEMORY_DEFAULTS,
         "portable": PORTABLE_DEFAULTS,
+        "data": bench_data.DATA_DEFAULTS,
     }[sub]
     opts = parse_options(words, defaults)
     if sub == "step":

@@ -64,7 +64,7 @@ def _batches(plan, steps, **kw):
 
 def _assert_same(a, b):
     assert a.keys() == b.keys()
-    for key in a:
+    for key in a.keys() - {"decode_cpu_s", "ready_at"}:  # measurements
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 

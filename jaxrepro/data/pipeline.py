@@ -40,9 +40,9 @@ from jaxrepro import parallel
 from jaxrepro.data import order
 from jaxrepro.errors import DataError
 
-# A batch taken from the pipeline in more than this is counted as a step that waited for
-# data (a batch already decoded comes out of shared memory in well under 1 ms).
-WAIT_THRESHOLD_S = 0.005
+# A step waited for data when its batch was decoded more than this after the loop asked
+# for it (both times from the machine's monotonic clock, shared by all its processes).
+WAIT_THRESHOLD_S = 0.001
 
 
 class DataWorkerError(DataError):
@@ -103,14 +103,17 @@ class Plan:
 def materialise(plan: Plan, step: int) -> dict:
     """The batch of ``step`` on this host: what the training step reads, plus bookkeeping."""
     ids, epochs = plan.local_ids(step)
+    cpu0 = time.thread_time()
     images, labels, corrupt = plan.segment(step).reader.read(ids)
     return {
+        "decode_cpu_s": np.float64(time.thread_time() - cpu0),  # measured, not data
         "image": images,
         "label": labels,
         "id": np.asarray(ids, np.int32),
         "epoch": np.asarray(epochs, np.int32),
         "step": np.int64(step),
         "corrupt": np.array(sorted(corrupt), np.int64),  # records skipped in this batch
+        "ready_at": np.float64(time.monotonic()),  # when it was decoded: measured, not data
     }
 
 
@@ -147,22 +150,40 @@ def _describe_death(error: BaseException) -> str:
 
 @dataclasses.dataclass
 class WaitStats:
-    """How long the training loop waited for its batches (run.json's ``data_wait``)."""
+    """How long the training loop waited for data (run.json's ``data_wait``).
+
+    A step waited for data when its batch was not decoded yet when the loop asked for it
+    *and* the device had nothing left to compute when the batch came (the steps before it
+    done): with asynchronous dispatch the loop asks for batches ahead of the device, and a
+    late batch then costs nothing. The wait counted is from the request to the end of the
+    batch's decoding (the whole decode for splits decoded in the training process, 0 for
+    in-memory ones). ``host_late_steps``: batches that came after the request while the
+    device was still busy (no loss). ``host_s``: the loop's time in taking batches. The
+    first batch, which includes starting the workers, is reported apart.
+    """
 
     steps: int = 0
     waited_steps: int = 0
     wait_s: float = 0.0
     max_wait_s: float = 0.0
-    first_wait_s: float | None = None  # the first batch: includes starting the workers
+    host_late_steps: int = 0
+    host_s: float = 0.0
+    first_wait_s: float | None = None
 
-    def add(self, seconds: float) -> None:
+    def add(self, wait_s: float, host_s: float, device_idle: bool = True) -> None:
         if self.first_wait_s is None:
-            self.first_wait_s = seconds
+            self.first_wait_s = max(wait_s, host_s)
             return
         self.steps += 1
-        self.wait_s += seconds
-        self.max_wait_s = max(self.max_wait_s, seconds)
-        self.waited_steps += seconds > WAIT_THRESHOLD_S
+        self.host_s += host_s
+        if wait_s <= WAIT_THRESHOLD_S:
+            return
+        if not device_idle:
+            self.host_late_steps += 1
+            return
+        self.waited_steps += 1
+        self.wait_s += wait_s
+        self.max_wait_s = max(self.max_wait_s, wait_s)
 
     def to_dict(self) -> dict:
         return {
@@ -171,6 +192,8 @@ class WaitStats:
             "waited_fraction": round(self.waited_steps / self.steps, 4) if self.steps else None,
             "wait_s": round(self.wait_s, 3),
             "max_wait_s": round(self.max_wait_s, 4),
+            "host_late_steps": self.host_late_steps,
+            "host_s": round(self.host_s, 3),
             "first_wait_s": None if self.first_wait_s is None else round(self.first_wait_s, 3),
             "threshold_s": WAIT_THRESHOLD_S,
         }
@@ -194,6 +217,7 @@ class Prefetcher:
             raise ValueError("steps must be a 1-D increasing sequence")
         self.workers, self.prefetch = int(workers), int(prefetch)
         self.wait = WaitStats()
+        self.last_wait_s = 0.0
         dataset = grain.MapDataset.source(self.steps).map(Materialise(plan))
         dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
         if self.workers:
@@ -211,13 +235,14 @@ class Prefetcher:
         return self._position < len(self.steps) and step >= self.steps[self._position]
 
     def get(self, step: int) -> dict:
-        """The batch of ``step``: image, label, id, epoch (this host's rows), corrupt ids."""
+        """The batch of ``step``: image, label, id, epoch (this host's rows), corrupt ids and
+        the CPU seconds its decoding took."""
         if self._closed:
             raise RuntimeError("this Prefetcher is closed")
         if self._position >= len(self.steps) or self.steps[self._position] != step:
             expected = self.steps[self._position] if self._position < len(self.steps) else None
             raise RuntimeError(f"asked for step {step}, the pipeline's next step is {expected}")
-        t0 = time.perf_counter()
+        asked = time.monotonic()
         try:
             batch = next(self._iterator)
         except DataError:
@@ -229,7 +254,8 @@ class Prefetcher:
                 f"the data pipeline failed preparing the batch of step {step} "
                 f"({self.workers} worker processes): {_describe_death(error)}"
             ) from error
-        self.wait.add(time.perf_counter() - t0)
+        self.last_wait_s = max(0.0, float(batch["ready_at"]) - asked)
+        self.wait.add(self.last_wait_s, time.monotonic() - asked)
         self._position += 1
         ids, _ = self.plan.local_ids(step)
         if int(batch["step"]) != step or not np.array_equal(batch["id"], ids):

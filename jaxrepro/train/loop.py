@@ -447,17 +447,22 @@ class Runner:
         This host reads only its own rows of the global batch (``parallel.host_slice``).
         """
         src = self.data.train(phase.name)
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         if self.prefetcher is not None and not src.in_memory:
             batch = self.prefetcher.get(step)
             epoch = int(self.plan.global_ids(step)[1][0])
             self._note_corrupt(src, batch["corrupt"])
             local = {k: batch[k] for k in ("image", "label", "id", "epoch")}
+            wait = self.prefetcher.last_wait_s
         else:
             ids, epochs = self.batch_ids(phase, step)
             local = self._read(phase, self.par.host_slice(ids), self.par.host_slice(epochs))
             epoch = int(epochs[0])
-        self.data_wait.add(time.perf_counter() - t0)
+            wait = 0.0 if src.in_memory else time.monotonic() - t0  # decoded here, now
+        # Had the device finished every step dispatched so far when the batch came?
+        pending = getattr(self, "pending", None)
+        idle = not pending or pending[-1][3].is_ready()
+        self.data_wait.add(wait, time.monotonic() - t0, device_idle=idle)
         return self.par.shard_batch(local, phase.batch_size), epoch
 
     @staticmethod
