@@ -1,8 +1,9 @@
 r"""The command line: ``jaxrepro COMMAND --flags`` (also ``python -m jaxrepro``).
 
     jaxrepro train    --config=configs/digits.py[:smoke] --workdir=DIR [--config.x.y=v ...]
-    jaxrepro prepare  --dataset=NAME [--data_dir=DIR]
+    jaxrepro prepare  (--dataset=NAME | --config=...) [--data_dir=DIR] [--manual_dir=DIR]
     jaxrepro dropoffs --workdir=DIR [--detect [--rewrite]]
+    jaxrepro diagnose --workdir=DIR [--dropoff=INDEX|all] [--arms=...] [--after=N] [--force]
     jaxrepro replay   --workdir=RUN (--dropoff=I | --from_step=S) [--override k=v ...]
                       [--skip_batches=N] [--steps=N] [--name=NAME] [--devices=N]
     jaxrepro audit    --config=... --steps=N [--out=DIR] [--devices=8 | --devices=2,8]
@@ -12,8 +13,8 @@ r"""The command line: ``jaxrepro COMMAND --flags`` (also ``python -m jaxrepro``)
     jaxrepro port     --arch=resnet50 --torch=FILE --out=DIR
     jaxrepro torch_train --config=... --workdir=DIR   (the PyTorch reference run)
     jaxrepro compare  --jax=RUN_OR_STUDY --torch=PATH --out=DIR
-    jaxrepro bench    step|startup|e2e|checkpoint|memory|detector|portable|all [key=value ...]
-                      [--out=results/bench]
+    jaxrepro bench    step|startup|e2e|checkpoint|memory|detector|portable|diagnose|data|all
+                      [key=value ...] [--out=results/bench]
     jaxrepro status   DIR [--watch [--interval=S]]   (a run or a study directory)
 
 Errors in the user's input print one line naming the problem and exit with status 2.
@@ -117,7 +118,17 @@ flags.DEFINE_bool(
 )
 flags.DEFINE_bool("rewrite", False, "dropoffs: with --detect, replace dropoffs.json with them.")
 flags.DEFINE_string("dataset", None, "prepare: dataset name.")
-flags.DEFINE_string("data_dir", None, "prepare: TFDS data dir (default: $JAXREPRO_DATA_DIR).")
+flags.DEFINE_string(
+    "data_dir",
+    None,
+    "prepare: TFDS data dir (default: the config's data.data_dir, else $JAXREPRO_DATA_DIR).",
+)
+flags.DEFINE_string(
+    "manual_dir",
+    None,
+    "prepare: where the files of a dataset that cannot be downloaded are "
+    "(default: DATA_DIR/downloads/manual).",
+)
 FLAGS = flags.FLAGS
 _REPLAY_SETUP: dict = {}  # what replay_process_setup found, for the replay's summary
 
@@ -348,11 +359,31 @@ def cmd_bench(argv):
 
 @command
 def cmd_prepare(argv):
+    """Prepares a dataset, or both of a config's, and checks them; explains manual ones."""
     from jaxrepro import data
+    from jaxrepro.errors import DataError
 
-    path = data.prepare(_require("dataset"), FLAGS.data_dir)
-    print(f"prepared {FLAGS.dataset} in {path}")
-    return 0
+    if FLAGS.dataset:
+        names, data_dir = [FLAGS.dataset], FLAGS.data_dir
+    elif _CONFIG.value is not None:
+        d = _CONFIG.value.data
+        names = list(dict.fromkeys((d.source.name, d.target.name)))
+        data_dir = FLAGS.data_dir or d.data_dir
+    else:
+        raise JaxreproError("--dataset or --config is required (e.g. --dataset=cifar10)")
+    data_dir = data.resolve_data_dir(data_dir)
+    failed = []
+    for name in names:  # each in turn: one that needs manual files does not stop the others
+        try:
+            path = data.prepare(name, data_dir, manual_dir=FLAGS.manual_dir)
+        except DataError as e:
+            print(f"error: {name}: {e}", file=sys.stderr)
+            failed.append(name)
+            continue
+        splits = data.ensure_prepared(name, data_dir).info.splits
+        counts = ", ".join(f"{k} {v.num_examples}" for k, v in sorted(splits.items()))
+        print(f"prepared {name} in {path}; checked: {counts}")
+    return 2 if failed else 0
 
 
 @command

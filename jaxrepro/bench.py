@@ -9,12 +9,13 @@ r"""``jaxrepro bench``: the JAX train step against PyTorch, and the costs around
     jaxrepro bench diagnose [config=configs/digits.py steps=80 onset=60]  (arm step vs step)
     jaxrepro bench detector [seeds=4 sets=... labels=... record=current|baseline]
                            (the drop-off detector on labelled streams: detector_bench.py)
+    jaxrepro bench data    [image_size=224 batch=32 workers=1,2 ...]  (host input pipeline)
     jaxrepro bench all
 
 Options are ``key=value`` words after the sub-command (absl owns ``--flags``); ``--out``
 is the output directory (default ``results/bench``). Each sub-command writes one JSON
 file there (``step.json``, ``startup.json``, ``e2e.json``, ``checkpoint.json``,
-``memory.json``, ``detector.json``; ``step
+``memory.json``, ``detector.json``, ``data.json``; ``step
 cores=1`` writes ``step_cores1.json``). results/bench/NOTES.md reads them.
 
 How ``step`` measures (the machine may be shared, so nothing is timed alone):
@@ -565,7 +566,7 @@ def _detector_record(path: str, result: dict, words: list[str]) -> dict:
 
 
 def _jobs(sub: str, words: list[str]):
-    from jaxrepro import bench_runs, detector_bench
+    from jaxrepro import bench_data, bench_runs, detector_bench
 
     subs = {
         "step": lambda: bench_step(parse_options(words, STEP_DEFAULTS)),
@@ -584,6 +585,7 @@ def _jobs(sub: str, words: list[str]):
         "detector": lambda: detector_bench.bench_detector(
             parse_options(words, detector_bench.DEFAULTS)
         ),
+        "data": lambda: bench_data.bench_data(parse_options(words, bench_data.DATA_DEFAULTS)),
     }
     if sub == "all":
         if words:
@@ -598,7 +600,7 @@ def _jobs(sub: str, words: list[str]):
 
 
 def _validate_words(sub: str, words: list[str]) -> None:
-    from jaxrepro import bench_runs, detector_bench
+    from jaxrepro import bench_data, bench_runs, detector_bench
 
     defaults = {
         "step": STEP_DEFAULTS,
@@ -609,6 +611,7 @@ def _validate_words(sub: str, words: list[str]) -> None:
         "portable": PORTABLE_DEFAULTS,
         "diagnose": bench_runs.DIAGNOSE_DEFAULTS,
         "detector": detector_bench.DEFAULTS,
+        "data": bench_data.DATA_DEFAULTS,
     }[sub]
     opts = parse_options(words, defaults)
     if sub == "step":

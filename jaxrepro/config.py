@@ -26,6 +26,7 @@ STEMS = ("imagenet", "cifar")
 SCHEDULES = ("constant", "cosine")
 REMAINDERS = ("drop", "stream")
 NONFINITE_POLICIES = ("stop", "skip")
+CORRUPT_POLICIES = ("error", "skip")  # jaxrepro.data.sources.CORRUPT_POLICIES
 DTYPES = ("float32", "bfloat16")
 # Fields that may differ between a workdir's stored config and a resuming one, because
 # they do not change the trajectory (where data is cached, how often we print).
@@ -239,6 +240,7 @@ def validate(config) -> None:
     _number(config, "runtime.progress_every_s", lo=0, lo_open=True)
     _number(config, "runtime.heartbeat_every_s", lo=0, lo_open=True)
     _check_type(_require(config, "runtime.tensorboard"), bool, "runtime.tensorboard")
+    _validate_runtime(config)
 
 
 def _validate_dropoff(config):
@@ -313,6 +315,15 @@ def _validate_data(config):
     _number(config, f"{aug}.brightness.max_delta", lo=0, hi=1)
     lo = _number(config, f"{aug}.contrast.lower", lo=0)
     _number(config, f"{aug}.contrast.upper", lo=lo)
+    _choice(config, "data.on_corrupt", CORRUPT_POLICIES)
+    _check_type(_require(config, "data.jpeg_draft"), bool, "data.jpeg_draft")
+
+
+def _validate_runtime(config):
+    workers = _positive_int(config, "runtime.data_workers", allow_zero=True)
+    _check(workers <= 256, "runtime.data_workers", f"{workers} worker processes is too many")
+    _positive_int(config, "runtime.data_prefetch")
+    _positive_int(config, "runtime.max_in_memory_mb", allow_zero=True)
 
 
 def _validate_optimizer(config):
@@ -396,6 +407,12 @@ def base() -> ml_collections.ConfigDict:
     c.data.remainder = "drop"
     c.data.normalize = ml_collections.ConfigDict(dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
     c.data.augment = default_augment_config()
+    # A record whose image cannot be decoded: 'error' stops the run naming it; 'skip' fills
+    # its place with the next decodable record of the split, counted in run.json.
+    c.data.on_corrupt = "error"
+    # Decode JPEGs at 1/2, 1/4 or 1/8 scale where both sides stay >= image_size (libjpeg's
+    # DCT scaling): faster for images far larger than image_size; changes pixels.
+    c.data.jpeg_draft = False
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adam"
@@ -447,6 +464,14 @@ def base() -> ml_collections.ConfigDict:
     c.runtime.tensorboard = True
     # heartbeat.json (host, pid, step, steps/s) is rewritten this often (jaxrepro status).
     c.runtime.heartbeat_every_s = 10.0
+    # Train splits too large to hold in memory are read, decoded and resized ahead of the
+    # step by this many worker processes (jaxrepro.data.pipeline; 0: in the training
+    # process, on demand), each holding up to `data_prefetch` finished batches. The batches
+    # are the same whatever these are (tests/test_pipeline.py).
+    c.runtime.data_workers = 0
+    c.runtime.data_prefetch = 2
+    # A split whose decoded images fit in this many MiB is decoded once, at load, and held.
+    c.runtime.max_in_memory_mb = 1024
 
     # GPU only (jaxrepro.parallel): XLA flags set before the backend starts, kept in run.json.
     c.determinism = ml_collections.ConfigDict()

@@ -45,6 +45,25 @@ def test_interrupted_and_resumed_equals_straight(straight, data_dir, tmp_path, s
     assert resumed["resumes"] and resumed["resumes"][0]["from_step"] <= stop_after
 
 
+def test_digits_read_by_worker_processes_and_resumed_mid_epoch_equal_straight(
+    straight, data_dir, tmp_path
+):
+    """The splits read lazily, the train batches by one worker process, stopped at step 10
+    (fine-tune, mid-epoch) and resumed with none: the rows and state of the in-memory run.
+    (Two workers, and a restart of them: tests/test_pipeline.py.)"""
+    info, rows = straight
+    path = str(tmp_path / "run")
+    lazy = {"runtime.max_in_memory_mb": 0}
+    first = tiny_digits(data_dir, runtime__data_workers=1, runtime__data_prefetch=1, **lazy)
+    partial = loop.run(first, path, stop_after=10)
+    assert partial["data_pipeline"]["lazy_train_splits"] == ["pretrain", "finetune"]
+    assert partial["data_wait"]["steps"] == 9 and partial["corrupt_records"] == []
+    resumed = loop.run(tiny_digits(data_dir, **lazy), path)
+    assert resumed["status"] == "done" and resumed["data_pipeline"]["workers"] == 0
+    assert resumed["final_state_hash"] == info["final_state_hash"]
+    assert rows_equal(Workdir(path).metrics(), rows)
+
+
 def _spawn(workdir, data_dir, cache_dir):
     env = dict(
         os.environ,

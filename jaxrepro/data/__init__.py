@@ -14,10 +14,12 @@ from jaxrepro.data.augment import (
 from jaxrepro.data.embedded import EMBEDDED
 from jaxrepro.data.order import batch_ids, num_steps, steps_per_epoch
 from jaxrepro.data.sources import (
+    CorruptRecordError,
     DatasetNotPreparedError,
     Source,
     UnknownDatasetError,
     check_name,
+    decoder_version,
     ensure_prepared,
     load,
     prepare,
@@ -26,6 +28,7 @@ from jaxrepro.data.sources import (
 
 __all__ = [
     "EMBEDDED",
+    "CorruptRecordError",
     "DatasetNotPreparedError",
     "Source",
     "UnknownDatasetError",
@@ -34,6 +37,7 @@ __all__ = [
     "batch_ids",
     "channel_stats",
     "check_name",
+    "decoder_version",
     "default_augment_config",
     "ensure_prepared",
     "eval_preprocess",

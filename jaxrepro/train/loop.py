@@ -29,10 +29,11 @@ import numpy as np
 from jaxrepro import config as config_lib
 from jaxrepro import hashing, machine, parallel, rng
 from jaxrepro.checkpoints import Checkpoints, protected_steps
-from jaxrepro.errors import CheckpointError, JaxreproError, WorkdirError
+from jaxrepro.errors import CheckpointError, DataError, JaxreproError, WorkdirError
 from jaxrepro.sigterm import SigtermFlag
 from jaxrepro.train import runinfo
 from jaxrepro.train.evaluation import Evaluator
+from jaxrepro.train.feed import Feeder
 from jaxrepro.train.programs import Programs
 from jaxrepro.train.record import Record
 from jaxrepro.train.setup import Origin, RunSetup
@@ -146,6 +147,7 @@ class Training:
         self.primary = parallel.is_primary()  # only process 0 writes the workdir's files
         self.programs = Programs(setup, hooks)
         self.evaluator = Evaluator(setup, self.programs)
+        self.feeder = Feeder(setup)
         self.ckpts = Checkpoints(ws.checkpoint_dir)
         self.resume_step = self.ckpts.latest_step() if resuming else None
         self.info = ws.read_run() if resuming else {}
@@ -170,6 +172,16 @@ class Training:
         return self.setup.init_state(), self.setup.first_phase().name, 0, "init"
 
     def run(self, stop_after: int | None) -> dict:
+        try:
+            return self._run(stop_after)
+        except DataError as e:  # a corrupt record, a dead data worker: say so in run.json
+            if self.primary:
+                self.ws.update_run(status="failed", error=f"{type(e).__name__}: {str(e)[:2000]}")
+            raise
+        finally:
+            self.feeder.close()
+
+    def _run(self, stop_after: int | None) -> dict:
         state, state_phase, start, how = self._start()
         self.info = runinfo.start_record(self.info, self.setup, state, start, how)
         if self.primary:
@@ -199,6 +211,7 @@ class Training:
         beat_every = c.runtime.heartbeat_every_s
         record.heartbeat(start, None)
         next_beat = t_start + beat_every
+        self.feeder.start(start)
         with SigtermFlag() as sigterm, frozen_gc():  # preemption: checkpoint, exit cleanly
             s, stopping = start, False
             while s < setup.end:
@@ -217,7 +230,8 @@ class Training:
                     gc.freeze()  # what the eval (and its first compile) left stays put
                 if save_due:
                     self._save(s, state, state_phase)
-                batch, epoch = setup.device_batch(phase, s)
+                last = record.pending[-1][3] if record.pending else None
+                batch, epoch = self.feeder.device_batch(phase, s, last)
                 fn = self.programs.train_fn(phase, state, batch)
                 hooks.dispatch(s)
                 state, m = fn(state, batch, *setup.step_inputs(phase))
@@ -299,6 +313,7 @@ class Training:
             # (dispatched before the host read the stop) are not part of its record.
             nonfinite_steps=self.record.nonfinite,
             dropoff_count=len(self.record.detector.events),
+            **self.feeder.report(),
         )
         if status in ("done", "diverged"):
             fields["final_param_hash"] = hashing.tree_hash(state.params)

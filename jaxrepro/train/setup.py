@@ -40,7 +40,13 @@ class Data:
 
 def load_data(config) -> Data:
     d = config.data
-    kw = dict(data_dir=d.data_dir, image_size=d.image_size)
+    kw = dict(
+        data_dir=d.data_dir,
+        image_size=d.image_size,
+        jpeg_draft=d.jpeg_draft,
+        on_corrupt=d.on_corrupt,
+        max_in_memory_bytes=int(config.runtime.max_in_memory_mb) << 20,
+    )
     return Data(
         source_train=data_lib.load(d.source.name, d.source.train_split, **kw),
         source_eval=data_lib.load(d.source.name, d.source.eval_split, **kw),
