@@ -7,12 +7,12 @@ EXTRAS ?= test,torch,analysis
 STUDY_OUT ?= runs/digits_aug
 STUDY_FLAGS ?=
 # Transparent huge pages for malloc (glibc; ignored elsewhere): XLA:CPU's per-step buffers
-# then cost ~1 k page faults a step instead of ~50-300 k (jaxrepro/procenv.py). The CLI
+# then cost ~1 k page faults a step instead of ~50-300 k (jaxrepro/plumbing/procenv.py). The CLI
 # sets it for itself; exported here so that pytest's in-process runs have it too.
 GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 export GLIBC_TUNABLES
 
-.PHONY: setup test study lint
+.PHONY: setup test test-slow study lint
 
 setup: $(VENV)/.installed
 
@@ -21,9 +21,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[$(EXTRAS)]'
 	touch $@
 
+# Two test processes: compiles (one thread each) overlap the other's steps on 2 cores; a
+# file's tests stay in one process, so its module fixtures are built once. The benchmarks'
+# smoke runs (marked slow: minutes of measuring code, no product behaviour) are
+# `make test-slow`.
 test: setup
 	$(PY) -m ruff check jaxrepro tests configs
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
 
 study: setup
 	$(VENV)/bin/jaxrepro study --config=configs/digits.py --vary=aug --seeds=0-3 \

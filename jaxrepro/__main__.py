@@ -32,6 +32,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from jaxrepro.errors import JaxreproError
+from jaxrepro.plumbing import compile_cache
 
 COMMANDS = {}
 
@@ -149,19 +150,6 @@ def _config():
     if _CONFIG.value is None:
         raise JaxreproError("--config is required (e.g. --config=configs/digits.py)")
     return _CONFIG.value
-
-
-def setup_compile_cache() -> None:
-    """JAX's persistent compilation cache: a second run of a config compiles nothing."""
-    if os.environ.get("JAXREPRO_COMPILE_CACHE", "1") == "0":
-        return
-    import jax
-
-    cache = os.environ.get(
-        "JAXREPRO_COMPILE_CACHE_DIR", os.path.expanduser("~/.cache/jaxrepro/xla")
-    )
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 @command
@@ -470,7 +458,7 @@ def _before_backend() -> None:
     if _CONFIG.value is not None and "determinism" in _CONFIG.value:
         settings = _CONFIG.value.determinism.to_dict()
     elif FLAGS.workdir and os.path.isfile(os.path.join(FLAGS.workdir, "config.json")):
-        from jaxrepro import jsonio  # replay & co: the run's own setting
+        from jaxrepro.plumbing import jsonio  # replay & co: the run's own setting
 
         settings = jsonio.read_json(os.path.join(FLAGS.workdir, "config.json")).get("determinism")
     parallel.apply_determinism(settings)
@@ -498,14 +486,14 @@ def main(argv):
     _setup_logging()
     try:
         if argv[1] == "replay" and FLAGS.workdir:
-            from jaxrepro.invariant import setup as setup_lib
+            from jaxrepro.train.invariant import setup as setup_lib
 
             _REPLAY_SETUP["record"] = setup_lib.replay_process_setup(
                 FLAGS.workdir, sys.argv, reexec=FLAGS.replay_setup
             )
         if argv[1] != "status":  # status reads files only: no backend, no JAX
             _before_backend()
-            setup_compile_cache()
+            compile_cache.setup()
         return COMMANDS[argv[1]](argv)
     except JaxreproError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -513,7 +501,7 @@ def main(argv):
 
 
 def run_main():
-    from jaxrepro import procenv
+    from jaxrepro.plumbing import procenv
 
     procenv.reexec_if_needed(sys.argv)  # before jax starts: malloc's huge pages
     app.run(lambda argv: sys.exit(main(argv)))

@@ -29,9 +29,10 @@ import jax
 import numpy as np
 
 from jaxrepro import config as config_lib
-from jaxrepro import jsonio, machine, sigkill, trajectory
+from jaxrepro import machine, trajectory
 from jaxrepro.checkpoints import Checkpoints
 from jaxrepro.errors import ConfigError, JaxreproError
+from jaxrepro.plumbing import jsonio, sigkill
 from jaxrepro.train import loop
 from jaxrepro.train import setup as setup_lib
 from jaxrepro.workdir import Workdir

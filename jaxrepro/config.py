@@ -479,7 +479,7 @@ def base() -> ml_collections.ConfigDict:
     # 0: no autotuning (it times kernels, and another run may pick others); None: XLA's own.
     c.determinism.gpu_autotune_level = config_dict.FieldReference(0, field_type=int)
 
-    # Opt-in (jaxrepro.invariant): the same bits on 1, 2, 4 or 8 devices; the global batch is
+    # Opt-in (jaxrepro.train.invariant): the same bits on 1, 2, 4 or 8 devices; the global batch is
     # always cut into `groups` groups whose partial sums are combined in one fixed order.
     c.determinism.device_invariant = False
     c.determinism.groups = 8

@@ -3,7 +3,7 @@
 A drop-off is an *episode* of one stream (the training loss of a phase, or one eval
 split's accuracy of a phase): an onset (``step``), an end (``end_step``) and a peak
 (``peak_step``, ``peak_after``), of one ``kind``. The thresholds are the rule of the
-labelled benchmark (``jaxrepro bench detector``, jaxrepro/detector_bench.py), and
+labelled benchmark (``jaxrepro bench detector``, jaxrepro/bench/detector.py), and
 the loss is judged in log space: batch losses are right-skewed (a batch twice the level
 is common on a noisy curve, one at half of it is not), their log is roughly symmetric.
 
@@ -118,7 +118,7 @@ log = logging.getLogger("jaxrepro")
 def default_config() -> ml_collections.ConfigDict:
     """Thresholds of the detector, measured with ``jaxrepro bench detector``.
 
-    The thresholds are the benchmark's rule (jaxrepro/detector_bench.py): a spike is
+    The thresholds are the benchmark's rule (jaxrepro/bench/detector.py): a spike is
     >= 4x the level and >= 5 robust sd in log space, a sustained rise >= 1.5x and >= 2
     robust sd (2.25 here: the reference is a minimum of noisy medians, a little low), an
     accuracy collapse a fall of >= 0.2. On the digits default (batch 32) the log loss's

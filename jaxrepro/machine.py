@@ -118,6 +118,13 @@ def cpu_info(cpuinfo_text: str | None = None) -> dict:
     }
 
 
+def cpu_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def portable_capable(cpu: dict) -> bool:
     return cpu.get("arch") in ("x86_64", "AMD64") and all(f in cpu["isa"] for f in PORTABLE_ISA)
 

@@ -16,9 +16,10 @@ import re
 
 from jaxrepro import config as config_lib
 from jaxrepro import dropoff as dropoff_lib
-from jaxrepro import jsonio, machine, trajectory
+from jaxrepro import machine, trajectory
 from jaxrepro.checkpoints import Checkpoints
 from jaxrepro.errors import CheckpointError, ConfigError, WorkdirError
+from jaxrepro.plumbing import jsonio
 from jaxrepro.train import loop, runinfo
 from jaxrepro.workdir import Workdir
 

@@ -21,8 +21,9 @@ import dataclasses
 import os
 
 from jaxrepro import dropoff as dropoff_lib
-from jaxrepro import jsonio, rng
+from jaxrepro import rng
 from jaxrepro.errors import JaxreproError
+from jaxrepro.plumbing import jsonio
 
 FINISHED = ("done", "diverged")
 _RUN_KEYS = ("run", "arm")

@@ -18,8 +18,8 @@ import socket
 import time
 
 from jaxrepro import dropoff as dropoff_lib
-from jaxrepro import jsonio
 from jaxrepro.errors import JaxreproError
+from jaxrepro.plumbing import jsonio
 from jaxrepro.workdir import Workdir
 
 STUDY_FILE = "study.json"  # as jaxrepro.study.plan (not imported: status stays light)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 
 from jaxrepro import config as config_lib
-from jaxrepro import jsonio
 from jaxrepro.errors import WorkdirError
+from jaxrepro.plumbing import jsonio
 
 STATUSES = ("running", "done", "diverged", "failed")
 

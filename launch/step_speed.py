@@ -98,7 +98,7 @@ def measure(a) -> dict:
     parallel.apply_determinism(c.determinism)  # before the backend starts
     import jax
 
-    from jaxrepro import hashing
+    from jaxrepro.plumbing import hashing
 
     step, state, batch, keys, compile_s, conv_impl = _setup(c, a)
     for _ in range(a.warmup):

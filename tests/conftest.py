@@ -10,8 +10,10 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 
-# Many tests train the same tiny programs: let them share compiled executables.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="jaxrepro-xla-"))
+# Many tests train the same tiny programs: let them share compiled executables, also
+# across pytest-xdist's worker processes (they inherit the directory from the controller).
+_CACHE = os.environ.setdefault("JAXREPRO_TEST_XLA_CACHE", tempfile.mkdtemp(prefix="jaxrepro-xla-"))
+jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 # grain's multiprocessing and absl-using code need parsed flags under pytest.

@@ -12,7 +12,9 @@ import types
 import numpy as np
 import pytest
 
-from jaxrepro import bench, bench_runs
+from jaxrepro import bench
+from jaxrepro.bench import model as bench_model
+from jaxrepro.bench import runs as bench_runs
 from jaxrepro.errors import JaxreproError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +56,7 @@ def test_cli_errors_name_the_problem(tmp_path):
 
 
 def test_resnet50_flops_match_the_published_count():
-    flops = bench.model_flops("resnet50", 224, num_classes=1000)
+    flops = bench_model.model_flops("resnet50", 224, num_classes=1000)
     # torchvision: 4.09 G multiply-adds for ResNet-50 at 224x224
     assert 2 * 4.08e9 < flops["forward"] < 2 * 4.11e9
     assert flops["train"] == 3 * flops["forward"]
@@ -71,6 +73,7 @@ def test_alternate_times_each_turn_after_its_settling_steps():
         bench.alternate(runners, rounds=1, iters=1, settle=-1)
 
 
+@pytest.mark.slow  # a benchmark's smoke run: make test-slow
 def test_bench_step_writes_consistent_json(tmp_path):
     args = ["step", "arch=resnet_tiny", "size=16", "batch=4", "rounds=2", "iters=2", "warmup=1",
             "peak_n=128", "variants=matmul/flax/cond", "threads=1"]  # fmt: skip
@@ -107,6 +110,7 @@ def test_bench_step_writes_consistent_json(tmp_path):
     assert "glibc_tunables" in result["machine"]
 
 
+@pytest.mark.slow  # a benchmark's smoke run: make test-slow
 def test_bench_e2e_smoke(tmp_path, data_dir):
     opts = dict(bench_runs.E2E_DEFAULTS, config=SMOKE, steps=9, warmup=2, rounds=1,
                 data_dir=data_dir, set="checkpoint.every=4;pretrain.eval_every=4")  # fmt: skip
@@ -174,6 +178,7 @@ def test_median_ratio_of_a_zero_measurement_is_none():
         bench_runs._median_ratio(num, [{"t": 1.0}], "t")
 
 
+@pytest.mark.slow  # a benchmark's smoke run: make test-slow
 def test_bench_startup_cold_then_warm(data_dir):
     opts = dict(bench_runs.STARTUP_DEFAULTS, config=SMOKE, init="fast", runs=2,
                 data_dir=data_dir)  # fmt: skip

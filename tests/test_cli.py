@@ -10,8 +10,9 @@ import pytest
 from helpers import tiny_digits
 from test_cli_errors import cli
 
-from jaxrepro import audit, jsonio, sigkill, trajectory
+from jaxrepro import audit, trajectory
 from jaxrepro.errors import JaxreproError
+from jaxrepro.plumbing import jsonio, sigkill
 from jaxrepro.train import loop
 
 

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from test_cli_errors import cli
 
 from jaxrepro import config as config_lib
-from jaxrepro import detector_bench as bench
 from jaxrepro import dropoff
+from jaxrepro.bench import detector as bench
 from jaxrepro.errors import ConfigError
 
 KIND = {

@@ -130,7 +130,7 @@ def test_device_invariant_mode_refuses_dropout(data_dir):
     config.determinism.device_invariant = True
     with pytest.raises(ConfigError, match="model.dropout_rate: 0.5 > 0 is not supported with"):
         config_lib.validate(config)
-    from jaxrepro.invariant import grouped_model
+    from jaxrepro.train.invariant import grouped_model
 
     with pytest.raises(ValueError, match="device-invariant mode has no dropout"):
         grouped_model.check_module(_module(0.5))

@@ -1,6 +1,6 @@
 """Device-count-invariant training: same bits on 1, 2, 4 and 8 simulated devices.
 
-The layout tests run ``python -m jaxrepro.invariant.check`` in fresh processes, because
+The layout tests run ``python -m jaxrepro.train.invariant.check`` in fresh processes, because
 the process setup (``--xla_force_host_platform_device_count``) is part of the bits. All
 three train resnet_tiny (cifar stem, BatchNorm) at 16x16, batch 16, G = 8, 'lax' convs:
 
@@ -11,7 +11,7 @@ three train resnet_tiny (cifar stem, BatchNorm) at 16x16, batch 16, G = 8, 'lax'
 * D: a process started from ``setup_for_replay(A's record)``: A's bits again.
 
 The 'matmul' conv path (XLA:CPU's default in the engine) is checked by the bench
-(``jaxrepro.invariant.bench speed`` records 1- vs 8-device bitwise equality), not here:
+(``jaxrepro.bench.invariant speed`` records 1- vs 8-device bitwise equality), not here:
 its G = 8 program takes ~1.5x longer to compile.
 """
 
@@ -31,9 +31,9 @@ from helpers import REPO
 
 from jaxrepro import models, rng
 from jaxrepro.data import augment as augment_lib
-from jaxrepro.invariant import grouped_bn, grouped_model, reduce, setup
-from jaxrepro.invariant import step as inv_step
 from jaxrepro.models.batchnorm import batch_norm_train_plain
+from jaxrepro.train.invariant import grouped_bn, grouped_model, reduce, setup
+from jaxrepro.train.invariant import step as inv_step
 from jaxrepro.train.step import TrainState, step_controls
 
 _FLAG = "--xla_force_host_platform_device_count"
@@ -51,7 +51,7 @@ def _start(out_dir, name, env, args):
     cmd = [
         sys.executable,
         "-m",
-        "jaxrepro.invariant.check",
+        "jaxrepro.train.invariant.check",
         "--out",
         out,
         "--npz",
@@ -297,7 +297,7 @@ def test_setup_for_replay_env():
 
 def test_apply_env_threads_sets_the_cpu_affinity():
     code = (
-        "import os; from jaxrepro.invariant import setup; setup.apply_env_threads(); "
+        "import os; from jaxrepro.train.invariant import setup; setup.apply_env_threads(); "
         "print(len(os.sched_getaffinity(0)))"
     )
     env = _env({setup.THREADS_ENV: "1"})
@@ -398,9 +398,8 @@ def test_engine_runs_in_device_invariant_mode(data_dir, tmp_path, monkeypatch):
     """The loop's hook: config.determinism.device_invariant switches to the grouped step."""
     from helpers import tiny_digits
 
-    from jaxrepro import invariant
     from jaxrepro.errors import ConfigError
-    from jaxrepro.train import loop
+    from jaxrepro.train import invariant, loop
 
     built = []  # (groups, phase_start) of every invariant step the loop builds
     make = invariant.make_invariant_train_step
@@ -435,11 +434,12 @@ def test_engine_runs_in_device_invariant_mode(data_dir, tmp_path, monkeypatch):
         loop.run(bad, str(tmp_path / "bad"))
 
 
+@pytest.mark.slow  # a benchmark's smoke run: make test-slow
 def test_overhead_bench_speed_runs_and_records_bitwise_meshes(tmp_path):
-    """`python -m jaxrepro.invariant.bench speed` at the smallest size: the JSON it merges."""
+    """`python -m jaxrepro.bench.invariant speed` at the smallest size: the JSON it merges."""
     out = str(tmp_path / "invariant.json")
     size = ["--batch", "8", "--image_size", "8", "--iters", "1", "--warmup", "1"]
-    cmd = [sys.executable, "-m", "jaxrepro.invariant.bench", "speed", "--out", out, *size]
+    cmd = [sys.executable, "-m", "jaxrepro.bench.invariant", "speed", "--out", out, *size]
     r = subprocess.run(
         cmd, cwd=REPO, env=_env({"XLA_FLAGS": f"{_FLAG}=8"}), capture_output=True, text=True,
         timeout=_TIMEOUT,

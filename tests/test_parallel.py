@@ -23,9 +23,10 @@ from helpers import REPO, tiny_digits
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxrepro import audit, jsonio, parallel
+from jaxrepro import audit, parallel
 from jaxrepro import config as config_lib
 from jaxrepro.errors import ConfigError
+from jaxrepro.plumbing import jsonio
 from jaxrepro.workdir import Workdir
 
 STEPS = 4
@@ -189,7 +190,7 @@ def _start_gloo_pair(config, root) -> tuple[str, list]:
     jsonio.write_json(path, config_lib.to_dict(config))
     with open(os.path.join(root, "config.py"), "w") as f:
         f.write(
-            "from jaxrepro import config as c, jsonio\n"
+            "from jaxrepro import config as c\nfrom jaxrepro.plumbing import jsonio\n"
             f"def get_config():\n    return c.from_dict(jsonio.read_json({path!r}))\n"
         )
     workdir, port = os.path.join(root, "gloo"), _free_port()

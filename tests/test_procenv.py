@@ -8,7 +8,7 @@ import sys
 import pytest
 from helpers import TINY_FLAGS
 
-from jaxrepro import procenv
+from jaxrepro.plumbing import procenv
 
 LINUX = dict(system="Linux", libc="glibc", thp="madvise")
 

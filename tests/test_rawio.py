@@ -8,8 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from jaxrepro import rawio
-from jaxrepro.checkpoints import Checkpoints
+from jaxrepro.checkpoints import Checkpoints, rawio
 from jaxrepro.errors import CheckpointError
 
 

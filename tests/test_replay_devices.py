@@ -14,9 +14,9 @@ import os
 import pytest
 from test_cli_errors import cli
 
+from jaxrepro import machine
 from jaxrepro.errors import WorkdirError
-from jaxrepro.invariant import setup
-from jaxrepro.train import runinfo
+from jaxrepro.train.invariant import setup
 
 _FLAG = "--xla_force_host_platform_device_count"
 
@@ -98,7 +98,7 @@ class _Exec(Exception):
 
 def _write_record(path, **platform):
     base = {"backend": "cpu", "local_device_count": 1, "xla_flags": ""}
-    base["cpu_threads"] = runinfo.cpu_threads()
+    base["cpu_threads"] = machine.cpu_threads()
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "run.json"), "w") as f:
         json.dump({"platform": dict(base, **platform)}, f)
@@ -136,7 +136,7 @@ def test_replay_applies_only_the_recorded_settings(tmp_path, monkeypatch):
     assert json.loads(child[setup.REEXEC_ENV]) == [f"XLA_FLAGS: recorded '', here '{_FLAG}=4'"]
     (line,) = logged
     assert "re-executing with the settings run.json records" in line
-    threads = runinfo.cpu_threads()
+    threads = machine.cpu_threads()
     assert line.endswith(
         f"records: JAXREPRO_CPU_THREADS='{threads}', JAX_PLATFORMS='cpu', XLA_FLAGS=''"
     )

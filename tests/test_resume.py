@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from helpers import REPO, TINY_FLAGS, rows_equal, tiny_digits
 
-from jaxrepro import jsonio, sigkill
 from jaxrepro.checkpoints import Checkpoints
 from jaxrepro.errors import CheckpointError
+from jaxrepro.plumbing import jsonio, sigkill
 from jaxrepro.train import loop
 from jaxrepro.train.setup import RunSetup
 from jaxrepro.workdir import Workdir
@@ -225,7 +225,7 @@ def _legacy_save(ckpts: Checkpoints, step: int, tree, manifest: dict) -> None:
 def test_manifest_checksums_new_and_legacy(tmp_path):
     import jax.numpy as jnp
 
-    from jaxrepro import hashing
+    from jaxrepro.plumbing import hashing
 
     tree = {"w": jnp.arange(12.0).reshape(3, 4), "b": {"v": jnp.ones(5, jnp.int32)}}
     crc = hashing.leaf_checksums(tree)
@@ -257,7 +257,7 @@ def test_state_is_saved_packed_and_read_back_in_every_layout(tmp_path):
     import orbax.checkpoint as ocp
 
     from jaxrepro import checkpoints as ckpt_lib
-    from jaxrepro import hashing
+    from jaxrepro.plumbing import hashing
 
     tree = {
         "w": jnp.arange(12.0).reshape(3, 4),

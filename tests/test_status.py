@@ -12,8 +12,9 @@ import time
 import pytest
 from helpers import REPO, TINY_FLAGS
 
-from jaxrepro import jsonio, status
+from jaxrepro import status
 from jaxrepro.__main__ import main
+from jaxrepro.plumbing import jsonio
 
 # Long enough to be watched while it runs; heartbeats every 0.2 s.
 WATCHED = [*TINY_FLAGS, "--config.pretrain.steps=120", "--config.runtime.heartbeat_every_s=0.2"]

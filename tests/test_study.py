@@ -19,9 +19,10 @@ import pytest
 from helpers import REPO, TINY_FLAGS, check_event_files, snapshot, tiny_digits
 
 from jaxrepro import config as config_lib
-from jaxrepro import dropoff, jsonio, rng, study
+from jaxrepro import dropoff, rng, study
 from jaxrepro.data import order
 from jaxrepro.errors import ConfigError, WorkdirError
+from jaxrepro.plumbing import jsonio
 from jaxrepro.report import report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -21,9 +21,10 @@ SENSITIVE = {
     "dropoff.loss.min_history": 1,
     "dropoff.loss.z_threshold": 1e-6,
     "dropoff.loss.min_ratio": 1.0,
-    "dropoff.loss.min_delta": 0.0,
+    "dropoff.loss.transient_steps": 0,
     "dropoff.loss.mad_floor": 1e-6,
     "dropoff.loss.refractory": 0,
+    "dropoff.accuracy.min_drop": 1e-6,
 }
 
 

@@ -304,8 +304,8 @@ def test_port_cli_then_train_from_the_ported_weights(data_dir, tmp_path):
     from helpers import TINY_FLAGS
     from test_cli_errors import cli
 
-    from jaxrepro import hashing
     from jaxrepro.checkpoints import Checkpoints
+    from jaxrepro.plumbing import hashing
     from jaxrepro.workdir import Workdir
 
     model = _randomise(torch_resnet.build("resnet_tiny", NUM_CLASSES, stem="cifar"), 3)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from helpers import rows_equal, tiny_digits
 
-from jaxrepro import hashing, jsonio
 from jaxrepro.data import augment as augment_lib
+from jaxrepro.plumbing import hashing, jsonio
 from jaxrepro.train import loop
 from jaxrepro.train import record as record_lib
 from jaxrepro.train.evaluation import Evaluator

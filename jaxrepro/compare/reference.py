@@ -35,10 +35,11 @@ import torch.nn.functional as F
 
 from jaxrepro import config as config_lib
 from jaxrepro import dropoff as dropoff_lib
-from jaxrepro import hashing, rng
+from jaxrepro import machine, rng
 from jaxrepro.compare import torch_port, torch_resnet
 from jaxrepro.data import augment as augment_lib
 from jaxrepro.errors import ConfigError, JaxreproError, WorkdirError
+from jaxrepro.plumbing import hashing
 from jaxrepro.train import runinfo
 from jaxrepro.train import state as state_lib
 from jaxrepro.train.evaluation import eval_row
@@ -363,7 +364,7 @@ def run(config, workdir: str) -> dict:
     if done is not None:
         log.info("%s: reference run already done; nothing to do", ws.path)
         return done
-    threads = runinfo.cpu_threads()
+    threads = machine.cpu_threads()
     t0 = time.perf_counter()
     with torch_determinism(threads):
         # The engine's run setup: its data, phases, keys and initial state.

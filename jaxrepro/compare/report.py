@@ -30,7 +30,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from jaxrepro import jsonio, rng, stats
+from jaxrepro import rng, stats
 from jaxrepro.compare import readers
 from jaxrepro.compare.divergence import (  # noqa: F401 - re-exported
     CompareError,
@@ -42,6 +42,7 @@ from jaxrepro.compare.divergence import (  # noqa: F401 - re-exported
     trajectory_divergence,
 )
 from jaxrepro.errors import JaxreproError
+from jaxrepro.plumbing import jsonio
 from jaxrepro.report import figures
 
 log = logging.getLogger("jaxrepro")

@@ -32,13 +32,14 @@ import numpy as np
 
 from jaxrepro import config as config_lib
 from jaxrepro import dropoff as dropoff_lib
-from jaxrepro import jsonio, machine, rng, trajectory
+from jaxrepro import machine, rng, trajectory
 from jaxrepro.checkpoints import Checkpoints
 from jaxrepro.data import order as order_lib
 from jaxrepro.diagnose import arms as arms_lib
 from jaxrepro.diagnose import figure as figure_lib
 from jaxrepro.diagnose import verdict as verdict_lib
 from jaxrepro.errors import CheckpointError, ConfigError, WorkdirError
+from jaxrepro.plumbing import jsonio
 from jaxrepro.train import runinfo
 from jaxrepro.train.evaluation import Evaluator
 from jaxrepro.train.programs import Programs

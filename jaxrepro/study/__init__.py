@@ -31,8 +31,8 @@ import sys
 import time
 
 from jaxrepro import config as config_lib
-from jaxrepro import jsonio
 from jaxrepro.errors import ConfigError
+from jaxrepro.plumbing import jsonio
 from jaxrepro.report import report as report_lib
 from jaxrepro.study.analysis import analyze, largest_event, replay_failure, severity
 from jaxrepro.study.plan import (

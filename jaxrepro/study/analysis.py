@@ -14,7 +14,8 @@ import sys
 
 from jaxrepro import config as config_lib
 from jaxrepro import dropoff as dropoff_lib
-from jaxrepro import jsonio, machine, rng, stats, trajectory
+from jaxrepro import machine, rng, stats, trajectory
+from jaxrepro.plumbing import jsonio
 from jaxrepro.report import report as report_lib
 from jaxrepro.study.plan import FINISHED, Run, Spec, run_status
 

@@ -16,8 +16,9 @@ import shlex
 import sys
 
 from jaxrepro import config as config_lib
-from jaxrepro import jsonio, rng
+from jaxrepro import rng
 from jaxrepro.errors import ConfigError, WorkdirError
+from jaxrepro.plumbing import jsonio
 
 STUDY_FILE = "study.json"
 SESSIONS_FILE = "sessions.jsonl"

@@ -13,7 +13,7 @@ import subprocess
 import time
 
 from jaxrepro.errors import JaxreproError
-from jaxrepro.sigterm import SigtermFlag
+from jaxrepro.plumbing.sigterm import SigtermFlag
 from jaxrepro.study.plan import Run, job_argv, log_path
 
 log = logging.getLogger("jaxrepro")

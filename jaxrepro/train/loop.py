@@ -27,10 +27,11 @@ import time
 import numpy as np
 
 from jaxrepro import config as config_lib
-from jaxrepro import hashing, machine, parallel, rng
+from jaxrepro import machine, parallel, rng
 from jaxrepro.checkpoints import Checkpoints, protected_steps
 from jaxrepro.errors import CheckpointError, DataError, JaxreproError, WorkdirError
-from jaxrepro.sigterm import SigtermFlag
+from jaxrepro.plumbing import hashing
+from jaxrepro.plumbing.sigterm import SigtermFlag
 from jaxrepro.train import runinfo
 from jaxrepro.train.evaluation import Evaluator
 from jaxrepro.train.feed import Feeder

@@ -46,7 +46,7 @@ class Programs:
         if phase.name not in self._train:
             par = self.setup.par
             if self.config.determinism.device_invariant:
-                from jaxrepro import invariant  # opt-in: grouped, fixed-order reductions
+                from jaxrepro.train import invariant  # opt-in: grouped, fixed-order reductions
 
                 fn = invariant.make_invariant_train_step(
                     mesh=par.mesh,

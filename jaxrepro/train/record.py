@@ -17,8 +17,9 @@ import time
 import numpy as np
 
 from jaxrepro import dropoff as dropoff_lib
-from jaxrepro import jsonio, parallel, tbevents
+from jaxrepro import parallel, tbevents
 from jaxrepro import status as status_lib
+from jaxrepro.plumbing import jsonio
 from jaxrepro.train.step import unpack_metrics
 from jaxrepro.workdir import MetricsWriter
 
@@ -155,7 +156,9 @@ class Record:
             if row["step"] >= lo:
                 events.add_row(row)
         for event in self.detector.events:
-            if event["step"] >= lo:
+            # TensorBoard's restart purge keeps an older file's text at the start step itself
+            # (it drops scalars there): an episode at the start step is not written twice.
+            if event["step"] > lo or (event["step"] == lo and lo == 0):
                 events.add_dropoff(event)
         events.flush()
         return events

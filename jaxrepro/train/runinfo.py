@@ -11,7 +11,8 @@ import time
 
 import jax
 
-from jaxrepro import __version__, hashing, machine, parallel, procenv, rng
+from jaxrepro import __version__, machine, parallel, rng
+from jaxrepro.plumbing import hashing, procenv
 
 log = logging.getLogger("jaxrepro")
 
@@ -56,13 +57,6 @@ def code_version() -> dict:
     return {"jaxrepro": __version__, "git_commit": commit, "git_dirty": dirty}
 
 
-def cpu_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def platform_info(portable: bool = False) -> dict:
     """Backend, devices, processes, CPU and its threads, XLA flags, PRNG settings.
 
@@ -78,7 +72,7 @@ def platform_info(portable: bool = False) -> dict:
         "local_device_count": jax.local_device_count(),
         "process_count": jax.process_count(),
         "process_index": jax.process_index(),
-        "cpu_threads": cpu_threads(),
+        "cpu_threads": machine.cpu_threads(),
         "cpu_count": os.cpu_count(),
         "xla_flags": xla_flags,
         "xla_cpu_max_isa": machine.effective_max_isa(xla_flags),

@@ -120,7 +120,7 @@ def load_pretrained(config, params, batch_stats):
 
 
 def _mismatched_shapes(a, b) -> list[str]:
-    from jaxrepro.hashing import path_str
+    from jaxrepro.plumbing.hashing import path_str
 
     fa = {path_str(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(a)[0]}
     fb = {path_str(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(b)[0]}

@@ -3,7 +3,7 @@
 Meant to run in a fresh process whose setup is the thing under test, e.g.::
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
-        python -m jaxrepro.invariant.check --layouts 1,2,4,8 --out /tmp/inv.json
+        python -m jaxrepro.train.invariant.check --layouts 1,2,4,8 --out /tmp/inv.json
 
 For every layout (the first D devices as the mesh) it trains ``--steps`` steps of a small
 ResNet from one initial state on one synthetic batch stream, and writes per step the exact
@@ -24,11 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxrepro import hashing, models, rng
+from jaxrepro import models, rng
 from jaxrepro.data import augment as augment_lib
-from jaxrepro.invariant import setup as setup_lib
-from jaxrepro.invariant import step as inv_step
+from jaxrepro.plumbing import hashing
 from jaxrepro.train import runinfo
+from jaxrepro.train.invariant import setup as setup_lib
+from jaxrepro.train.invariant import step as inv_step
 from jaxrepro.train.step import TrainState, make_train_step, step_controls
 
 LOGGED = ("loss", "accuracy", "grad_norm", "update_norm", "param_norm", "lr", "finite",

@@ -22,12 +22,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxrepro.hashing import path_str
-from jaxrepro.invariant import grouped_bn
 from jaxrepro.models.batchnorm import BatchNorm
 from jaxrepro.models.layers import conv as conv_op
 from jaxrepro.models.pooling import max_pool
 from jaxrepro.models.resnet import BasicBlock, Bottleneck, ResNet
+from jaxrepro.plumbing.hashing import path_str
+from jaxrepro.train.invariant import grouped_bn
 
 _MOMENTUM = BatchNorm.momentum
 _EPS = BatchNorm.epsilon

@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxrepro.data import augment as augment_lib
-from jaxrepro.invariant import grouped_model, reduce
+from jaxrepro.train.invariant import grouped_model, reduce
 from jaxrepro.train.step import TrainState, apply_step, normalize, with_packed_metrics
 
 AXIS = "data"

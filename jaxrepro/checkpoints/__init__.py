@@ -33,9 +33,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
 
-from jaxrepro import hashing, rawio
+from jaxrepro import machine
+from jaxrepro.checkpoints import rawio
 from jaxrepro.errors import CheckpointError
-from jaxrepro.train import runinfo
+from jaxrepro.plumbing import hashing
 
 MANIFEST_ALGO = "crc32"  # per-array checksums of new checkpoints (hashing.leaf_checksums)
 LAYOUT = "packed-raw-v1"  # meta['layout']['format'] of new checkpoints (item 'packed')
@@ -321,7 +322,7 @@ def _fill_and_checksum(jobs: list) -> dict[str, str]:
             out[path] = hashing.crc32(dst)
         return out
 
-    workers = max(1, min(_SAVE_THREADS, runinfo.cpu_threads(), len(jobs)))
+    workers = max(1, min(_SAVE_THREADS, machine.cpu_threads(), len(jobs)))
     # contiguous chunks of about equal bytes
     sizes = np.cumsum([dst.nbytes for _, dst, _ in jobs])
     cuts = np.searchsorted(sizes, sizes[-1] * np.arange(1, workers) / workers) if jobs else []

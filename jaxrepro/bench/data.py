@@ -140,7 +140,7 @@ def _train(data_dir: str, opts: dict) -> dict:
 
 
 def bench_data(opts: dict) -> dict:
-    from jaxrepro import bench
+    from jaxrepro.bench import common as bench
     from jaxrepro.data import photos, sources
 
     workers = bench.int_list(opts["workers"], "workers")

@@ -6,7 +6,7 @@ apart from the optimizer update. Parameters are filled from numpy rather than dr
 by ``model.init`` (timing does not depend on their values, and compiling the
 initialiser of a ResNet-50 costs more than the measurement itself on CPU).
 
-    python -m jaxrepro.bench_model --model resnet50 --conv_impl lax matmul --iters 5
+    python -m jaxrepro.bench.model --model resnet50 --conv_impl lax matmul --iters 5
 """
 
 from __future__ import annotations

@@ -23,8 +23,9 @@ from __future__ import annotations
 import os
 import re
 
-from jaxrepro import jsonio
+from jaxrepro import machine
 from jaxrepro.errors import WorkdirError
+from jaxrepro.plumbing import jsonio
 
 THREADS_ENV = "JAXREPRO_CPU_THREADS"
 _COUNT_FLAG = "--xla_force_host_platform_device_count"
@@ -141,12 +142,11 @@ def apply_env_threads() -> list[int] | None:
 
 def current_setup() -> dict[str, str]:
     """This process's setup in ``setup_for_replay``'s terms (reads the environment only)."""
-    from jaxrepro.train import runinfo
 
     env = {
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
         "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", ""),
-        THREADS_ENV: str(runinfo.cpu_threads()),
+        THREADS_ENV: str(machine.cpu_threads()),
     }
     return env
 

@@ -6,9 +6,9 @@ CPU threads) that the bits are conditional on. See the modules' docstrings for w
 piece is what it is.
 """
 
-from jaxrepro.invariant.reduce import combine, combine_trees, tree_sum
-from jaxrepro.invariant.setup import apply_env_threads, differences, setup_for_replay
-from jaxrepro.invariant.step import (
+from jaxrepro.train.invariant.reduce import combine, combine_trees, tree_sum
+from jaxrepro.train.invariant.setup import apply_env_threads, differences, setup_for_replay
+from jaxrepro.train.invariant.step import (
     batch_sharding,
     check_layout,
     data_mesh,

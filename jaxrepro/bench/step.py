@@ -35,7 +35,7 @@ How ``step`` measures (the machine may be shared, so nothing is timed alone):
 * Both in one process, alternated: each round runs ``iters`` JAX steps, then ``iters``
   PyTorch steps, each turn opened by ``settle`` untimed steps (the first step after the
   other framework's turn pays for the memory that framework gave back: up to 2x at
-  224x224 with malloc's huge pages, jaxrepro/procenv.py). Reported: the median step
+  224x224 with malloc's huge pages, jaxrepro/plumbing/procenv.py). Reported: the median step
   time, its spread, process CPU time per step, and the median over rounds of the
   per-round ratio (rounds see similar load, so the ratio is steadier than either).
 * FLOPs per image: 2 x multiply-adds of every convolution and dense layer of the
@@ -49,17 +49,21 @@ How ``step`` measures (the machine may be shared, so nothing is timed alone):
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import time
 
 import numpy as np
 
-from jaxrepro import procenv
-from jaxrepro.bench_model import TAILS, matmul_peak, model_flops
-from jaxrepro.train import runinfo
-
-DEFAULT_OUT = "results/bench"
+from jaxrepro import machine
+from jaxrepro.bench.common import (
+    alternate,
+    int_list,
+    machine_info,
+    round_ratios,
+    summarize,
+    versions,
+)
+from jaxrepro.bench.model import TAILS, matmul_peak, model_flops
 
 STEP_DEFAULTS = {
     "arch": "resnet50",
@@ -78,127 +82,6 @@ STEP_DEFAULTS = {
     "peak_n": 2048,
     "cores": 0,  # >0: measure in a child process pinned to this many cores (step_coresN.json)
 }
-
-
-# ----------------------------------------------------------------------------- options
-
-
-def parse_options(words: list[str], defaults: dict) -> dict:
-    """``key=value`` words -> a dict typed like ``defaults``.
-
-    Raises:
-      ValueError: for a word without '=', an unknown key or a value of the wrong type.
-    """
-    opts = dict(defaults)
-    for word in words:
-        if "=" not in word:
-            raise ValueError(f"bench option {word!r} is not of the form key=value")
-        key, value = word.split("=", 1)
-        if key not in defaults:
-            raise ValueError(f"unknown bench option {key!r}; known: {', '.join(sorted(defaults))}")
-        kind = type(defaults[key])
-        try:
-            opts[key] = kind(value)
-        except ValueError as e:
-            raise ValueError(f"bench option {key}={value!r}: expected {kind.__name__}") from e
-    return opts
-
-
-def int_list(text: str, name: str) -> list[int]:
-    """'32,224' -> [32, 224]; each must be a positive int."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as e:
-        raise ValueError(f"bench option {name}={text!r}: expected comma-separated ints") from e
-    if not values or min(values) < 1:
-        raise ValueError(f"bench option {name}={text!r}: expected positive ints")
-    return values
-
-
-def machine_info() -> dict:
-    """Where the numbers come from; the load average says how shared the machine was."""
-    model = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        model = names[0] if names else model
-    except OSError:
-        pass
-    return {
-        "cpu": model,
-        "cores": runinfo.cpu_threads(),
-        "machine": platform.machine(),
-        "loadavg": [round(x, 2) for x in os.getloadavg()],
-        "glibc_tunables": procenv.malloc_setting(),  # jaxrepro/procenv.py
-    }
-
-
-def versions() -> dict:
-    import importlib.metadata
-
-    out = {}
-    for lib in ("jax", "jaxlib", "flax", "optax", "torch", "numpy"):
-        try:
-            out[lib] = importlib.metadata.version(lib)
-        except importlib.metadata.PackageNotFoundError:
-            out[lib] = None
-    return out
-
-
-# ----------------------------------------------------------------------------- timing
-
-
-def summarize(times: list[float], batch: int) -> dict:
-    """Median, spread and images/s of per-step wall times (seconds)."""
-    q = np.percentile(times, [25, 75])
-    med = statistics.median(times)
-    return {
-        "images_per_s": batch / med,
-        "step_s_median": med,
-        "step_s_min": min(times),
-        "step_s_max": max(times),
-        "step_s_iqr": float(q[1] - q[0]),
-        "steps_timed": len(times),
-    }
-
-
-def alternate(
-    runners: dict, rounds: int, iters: int, cpu: dict | None = None, settle: int = 0
-) -> dict:
-    """Runs each runner ``iters`` times per round, in turn, for ``rounds`` rounds.
-
-    Returns per-runner lists (one per round) of step wall times in seconds; ``cpu``, if
-    given, receives the process CPU times the same way (robust to other processes'
-    load, but it counts spinning threads too). Each runner must block until done.
-    ``settle`` untimed steps open each runner's turn: the first step after another
-    runner's turn pays to get back the memory that runner's allocator returned.
-    """
-    if rounds < 1 or iters < 1 or settle < 0:
-        raise ValueError(
-            f"rounds and iters must be >= 1 and settle >= 0, got {rounds}, {iters}, {settle}"
-        )
-    times = {name: [] for name in runners}
-    cpu = {} if cpu is None else cpu
-    for name in runners:
-        cpu[name] = []
-    for _ in range(rounds):
-        for name, run in runners.items():
-            walls, cpus = [], []
-            for _ in range(settle):
-                run()
-            for _ in range(iters):
-                start, start_cpu = time.perf_counter(), time.process_time()
-                run()
-                walls.append(time.perf_counter() - start)
-                cpus.append(time.process_time() - start_cpu)
-            times[name].append(walls)
-            cpu[name].append(cpus)
-    return times
-
-
-def round_ratios(a: list[list[float]], b: list[list[float]]) -> list[float]:
-    """Per round: median time of ``b`` / median time of ``a`` (= a's speed over b's)."""
-    return [statistics.median(tb) / statistics.median(ta) for ta, tb in zip(a, b, strict=True)]
 
 
 # ----------------------------------------------------------------------------- runners
@@ -224,7 +107,7 @@ def jax_step_runner(
 
     from jaxrepro import config as config_lib
     from jaxrepro import models, rng
-    from jaxrepro.bench_model import conv_impl_override, make_train_step_for, synthetic_variables
+    from jaxrepro.bench.model import conv_impl_override, make_train_step_for, synthetic_variables
     from jaxrepro.train import optimizer as optimizer_lib
     from jaxrepro.train.step import TrainState, step_controls
 
@@ -335,7 +218,7 @@ def bench_shape(opts, image_size, batch, peak_gflops) -> dict:
             opts["arch"], image_size, batch, opts["classes"], conv_impl, bn_impl, tail
         )
     if opts["torch"]:
-        threads = opts["threads"] or runinfo.cpu_threads()
+        threads = opts["threads"] or machine.cpu_threads()
         runners["torch"], infos["torch"] = torch_step_runner(
             opts["arch"], image_size, batch, opts["classes"], threads
         )
@@ -396,7 +279,7 @@ def _pinned_child(opts: dict) -> dict:
     child_opts = dict(opts, cores=0, threads=opts["threads"] or len(cores))
     code = (
         f"import os; os.sched_setaffinity(0, {set(cores)!r}); import json; "
-        f"from jaxrepro import bench; "
+        f"from jaxrepro.bench import step as bench; "
         f"print(json.dumps(bench.bench_step({child_opts!r})))"
     )
     env = dict(os.environ, OMP_NUM_THREADS=str(len(cores)),
@@ -446,7 +329,7 @@ def _portable_child(opts: dict, portable: bool) -> dict:
         os.environ, XLA_FLAGS=" ".join(kept + (list(machine.PORTABLE_FLAGS) if portable else []))
     )
     code = (
-        "import json; from jaxrepro import bench; "
+        "import json; from jaxrepro.bench import step as bench; "
         f"print(json.dumps(bench.portable_step_times({opts!r}, {portable!r})))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
@@ -501,118 +384,3 @@ def _print_step(result: dict) -> None:
         if "ratio_jax_over_torch" in row:
             line += f"  ratio {row['ratio_jax_over_torch']:.2f}"
         print(line)
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def main(args: list[str], FLAGS) -> int:  # noqa: N803 - absl's name
-    """Runs ``jaxrepro bench SUB [key=value ...]``; returns the exit status."""
-    from jaxrepro import jsonio
-    from jaxrepro.errors import JaxreproError
-
-    if not args:
-        raise JaxreproError(
-            "bench needs a sub-command: step | startup | e2e | checkpoint | memory | detector | all"
-        )
-    sub, words = args[0], args[1:]
-    out = getattr(FLAGS, "out", None) or DEFAULT_OUT
-    try:
-        jobs = _jobs(sub, words)
-    except ValueError as e:
-        raise JaxreproError(str(e)) from e
-    os.makedirs(out, exist_ok=True)
-    for name, fn in jobs:
-        try:
-            result = fn()
-        except ValueError as e:
-            raise JaxreproError(str(e)) from e
-        cores = result.get("options", {}).get("cores", 0)
-        path = os.path.join(out, f"{name}_cores{cores}.json" if cores else f"{name}.json")
-        if name == "detector":
-            result = _detector_record(path, result, words)
-        jsonio.write_json(path, recorded(result))
-        if name == "step":
-            _print_step(result)
-        print(f"wrote {path}")
-    return 0
-
-
-def recorded(result: dict) -> dict:
-    """The result as written: an absolute ``data_dir`` option (where this machine caches
-    the data; no part of the measurement) kept as ``.../NAME``, so results carry no
-    machine's path."""
-    opts = result.get("options") or {}
-    data_dir = opts.get("data_dir")
-    if isinstance(data_dir, str) and os.path.isabs(data_dir):
-        name = os.path.basename(os.path.normpath(data_dir))
-        return dict(result, options=dict(opts, data_dir=f".../{name}"))
-    return result
-
-
-def _detector_record(path: str, result: dict, words: list[str]) -> dict:
-    """detector.json: this measurement under ``current`` (or ``baseline``), the other kept
-    from the file, so the figures of the detector before a change stay beside the new ones."""
-    from jaxrepro import detector_bench, jsonio
-
-    opts = parse_options(words, detector_bench.DEFAULTS)
-    old = jsonio.read_json(path) if os.path.exists(path) else {}
-    record = {"about": detector_bench.about(), "options": opts}
-    for key in ("baseline", "current"):
-        if key in old:
-            record[key] = old[key]
-    record[opts["record"]] = result
-    return record
-
-
-def _jobs(sub: str, words: list[str]):
-    from jaxrepro import bench_data, bench_runs, detector_bench
-
-    subs = {
-        "step": lambda: bench_step(parse_options(words, STEP_DEFAULTS)),
-        "startup": lambda: bench_runs.bench_startup(
-            parse_options(words, bench_runs.STARTUP_DEFAULTS)
-        ),
-        "e2e": lambda: bench_runs.bench_e2e(parse_options(words, bench_runs.E2E_DEFAULTS)),
-        "checkpoint": lambda: bench_runs.bench_checkpoint(
-            parse_options(words, bench_runs.CHECKPOINT_DEFAULTS)
-        ),
-        "memory": lambda: bench_runs.bench_memory(parse_options(words, bench_runs.MEMORY_DEFAULTS)),
-        "portable": lambda: bench_portable(parse_options(words, PORTABLE_DEFAULTS)),
-        "diagnose": lambda: bench_runs.bench_diagnose(
-            parse_options(words, bench_runs.DIAGNOSE_DEFAULTS)
-        ),
-        "detector": lambda: detector_bench.bench_detector(
-            parse_options(words, detector_bench.DEFAULTS)
-        ),
-        "data": lambda: bench_data.bench_data(parse_options(words, bench_data.DATA_DEFAULTS)),
-    }
-    if sub == "all":
-        if words:
-            raise ValueError("bench all takes no options (run the sub-commands to set them)")
-        return list(subs.items())
-    if sub not in subs:
-        raise ValueError(f"unknown bench sub-command {sub!r}; known: {', '.join(subs)}, all")
-    # Parse now, so a typo fails before minutes of measuring.
-    job = subs[sub]
-    _validate_words(sub, words)
-    return [(sub, job)]
-
-
-def _validate_words(sub: str, words: list[str]) -> None:
-    from jaxrepro import bench_data, bench_runs, detector_bench
-
-    defaults = {
-        "step": STEP_DEFAULTS,
-        "startup": bench_runs.STARTUP_DEFAULTS,
-        "e2e": bench_runs.E2E_DEFAULTS,
-        "checkpoint": bench_runs.CHECKPOINT_DEFAULTS,
-        "memory": bench_runs.MEMORY_DEFAULTS,
-        "portable": PORTABLE_DEFAULTS,
-        "diagnose": bench_runs.DIAGNOSE_DEFAULTS,
-        "detector": detector_bench.DEFAULTS,
-        "data": bench_data.DATA_DEFAULTS,
-    }[sub]
-    opts = parse_options(words, defaults)
-    if sub == "step":
-        _variants(opts)

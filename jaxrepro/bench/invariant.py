@@ -7,7 +7,7 @@ and mean process-CPU seconds per step; the steps of the four variants are interl
 so load from other processes hits them alike). Run it in an 8-device process::
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
-        python -m jaxrepro.invariant.bench speed --out results/bench/invariant.json
+        python -m jaxrepro.bench.invariant speed --out results/bench/invariant.json
 
 ``probe``: the same one-device invariant step in processes with another setup (forced
 device count 1 vs 8, one CPU thread vs all): which parameters differ, and by how much.
@@ -33,10 +33,11 @@ import time
 import jax
 import numpy as np
 
-from jaxrepro import hashing, machine, rng
-from jaxrepro.invariant import check, setup
-from jaxrepro.invariant import step as inv_step
+from jaxrepro import machine, rng
+from jaxrepro.plumbing import hashing
 from jaxrepro.train import runinfo
+from jaxrepro.train.invariant import check, setup
+from jaxrepro.train.invariant import step as inv_step
 from jaxrepro.train.step import make_train_step, step_controls
 
 
@@ -117,7 +118,7 @@ def _run_check(out_dir, name, xla_count, threads, extra) -> dict:
     env.pop(setup.THREADS_ENV, None)
     if threads:
         env[setup.THREADS_ENV] = str(threads)  # check.py applies it before JAX starts
-    cmd = [sys.executable, "-m", "jaxrepro.invariant.check", "--layouts", "1", "--out", out,
+    cmd = [sys.executable, "-m", "jaxrepro.train.invariant.check", "--layouts", "1", "--out", out,
            "--npz", npz, *extra]  # fmt: skip
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     return dict(np.load(npz))
@@ -139,7 +140,7 @@ def probe(args) -> dict:
         one_thread = _run_check(d, "c8t1", 8, 1, extra)
     return {
         "what": "invariant step on a 1-device mesh, 2 steps; reference: process with 8 forced "
-        f"devices and all {runinfo.cpu_threads()} CPU threads",
+        f"devices and all {machine.cpu_threads()} CPU threads",
         "config": extra,
         "device_count_flag_1_vs_8": _diff(base, one_dev),
         "cpu_threads_1_vs_all": _diff(base, one_thread),
@@ -157,7 +158,7 @@ def layouts(args) -> dict:
         out = os.path.join(d, "check.json")
         env = dict(os.environ, JAX_PLATFORMS="cpu",
                    XLA_FLAGS="--xla_force_host_platform_device_count=8")  # fmt: skip
-        cmd = [sys.executable, "-m", "jaxrepro.invariant.check", "--out", out, *extra]
+        cmd = [sys.executable, "-m", "jaxrepro.train.invariant.check", "--out", out, *extra]
         subprocess.run(cmd, env=env, check=True, capture_output=True)
         with open(out) as f:
             result = json.load(f)

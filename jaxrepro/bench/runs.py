@@ -85,7 +85,7 @@ def bench_startup(opts: dict) -> dict:
         raise ValueError(f"bench option init={opts['init']!r}; valid: {', '.join(INIT_CHOICES)}")
     if opts["runs"] < 1:
         raise ValueError(f"bench option runs must be >= 1, got {opts['runs']}")
-    from jaxrepro.bench import machine_info
+    from jaxrepro.bench.common import machine_info
 
     inits = ("module", "fast") if opts["init"] == "both" else (opts["init"],)
     # the children inherit this process's environment, glibc's tunables included
@@ -104,7 +104,7 @@ def bench_startup(opts: dict) -> dict:
 
 def _startup_child(opts: dict, init: str, cache: str, workdir: str) -> dict:
     args = json.dumps({**opts, "init": init, "cache": cache, "workdir": workdir})
-    code = f"from jaxrepro import bench_runs; bench_runs.startup_child({args!r})"
+    code = f"from jaxrepro.bench import runs; runs.startup_child({args!r})"
     env = dict(os.environ, JAXREPRO_COMPILE_CACHE_DIR=cache, JAXREPRO_COMPILE_CACHE="1")
     start = time.time()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
@@ -196,13 +196,13 @@ def startup_child(args_json: str) -> None:
     import jax
 
     from jaxrepro import models
-    from jaxrepro.__main__ import setup_compile_cache
+    from jaxrepro.plumbing import compile_cache
     from jaxrepro.train import loop
     from jaxrepro.train import setup as setup_lib
     from jaxrepro.train import state as state_lib
 
     marks["imports"] = time.time()
-    setup_compile_cache()
+    compile_cache.setup()
     if a["cache_min_compile_s"] >= 0:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", a["cache_min_compile_s"])
     stats = dict.fromkeys(("backend_compiles", "cache_hits"), 0)
@@ -430,7 +430,7 @@ def _median_ratio(num: list[dict], den: list[dict], key: str) -> float | None:
 
 
 def _e2e_summary(opts, config, rounds) -> dict:
-    from jaxrepro.bench import machine_info
+    from jaxrepro.bench.common import machine_info
 
     for rows in rounds.values():
         for row in rows:
@@ -485,9 +485,9 @@ def bench_checkpoint(opts: dict) -> dict:
     import jax
     import numpy as np
 
-    from jaxrepro import hashing
-    from jaxrepro.bench import machine_info
+    from jaxrepro.bench.common import machine_info
     from jaxrepro.checkpoints import Checkpoints
+    from jaxrepro.plumbing import hashing
     from jaxrepro.train.setup import RunSetup
 
     if opts["rounds"] < 1:
@@ -548,7 +548,7 @@ def bench_memory(opts: dict) -> dict:
     configs = [c for c in opts["configs"].split(",") if c]
     if not configs:
         raise ValueError("bench option configs is empty")
-    from jaxrepro.bench import machine_info
+    from jaxrepro.bench.common import machine_info
 
     out = {"kind": "memory", "options": opts, "machine": machine_info(), "runs": []}
     with tempfile.TemporaryDirectory(prefix="jaxrepro-mem-") as tmp:
@@ -603,10 +603,10 @@ def bench_diagnose(opts: dict) -> dict:
     import sys
 
     from jaxrepro import dropoff as dropoff_lib
-    from jaxrepro import jsonio
-    from jaxrepro.bench import machine_info
+    from jaxrepro.bench.common import machine_info
     from jaxrepro.diagnose import arms as arms_lib
     from jaxrepro.diagnose import engine
+    from jaxrepro.plumbing import jsonio
 
     if not 0 < opts["onset"] < opts["steps"]:
         raise ValueError(f"bench option onset must be in (0, steps), got {opts['onset']}")

@@ -23,7 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxrepro.invariant import reduce
+from jaxrepro.train.invariant import reduce
 
 _AXES = (0, 1, 2)  # NHWC: statistics over batch and space, one per channel
 

@@ -1,0 +1,1 @@
+"""Plumbing: the process environment, signals, JSON files and stable hashes."""
