@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 
@@ -141,3 +143,15 @@ def check_event_files(workdir) -> dict:
     assert seen.keys() == want.keys()
     assert all(_same(seen[k], want[k]) for k in want)
     return {"acc": acc, "rows": rows}
+
+
+def spawn_train(flags: list[str], workdir: str, data_dir: str, **env) -> subprocess.Popen:
+    """``jaxrepro train FLAGS`` as a process of its own (stderr piped), on the CPU."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "jaxrepro", "train", *flags, f"--workdir={workdir}",
+         f"--config.data.data_dir={data_dir}"],
+        cwd=REPO,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", **env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip

@@ -44,15 +44,19 @@ def start_smoke(workdir: str, data_dir: str, *, portable: bool) -> subprocess.Po
         f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
         f"--config.determinism.portable={portable}",
     ]  # fmt: skip
-    pinned = set(cpus[:THREADS])
+    # The child pins itself, then becomes the CLI (no preexec_fn: fork with JAX's threads).
+    pin = (
+        "import os, sys; os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(',')}); "
+        "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])"
+    )
+    pinned = ",".join(map(str, cpus[:THREADS]))
     return subprocess.Popen(
-        cmd,
+        [sys.executable, "-c", pin, pinned, *cmd[1:]],
         env=env,
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        preexec_fn=lambda: os.sched_setaffinity(0, pinned),
     )
 
 

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import REPO, TINY_FLAGS, rows_equal, tiny_digits
+from helpers import TINY_FLAGS, rows_equal, spawn_train, tiny_digits
 
 from jaxrepro.checkpoints import Checkpoints
 from jaxrepro.errors import CheckpointError
@@ -65,26 +65,8 @@ def test_digits_read_by_worker_processes_and_resumed_mid_epoch_equal_straight(
 
 
 def _spawn(workdir, data_dir, cache_dir):
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        JAXREPRO_COMPILE_CACHE_DIR=cache_dir,
-        PYTHONUNBUFFERED="1",
-    )
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "jaxrepro",
-            "train",
-            *TINY_FLAGS,
-            f"--workdir={workdir}",
-            f"--config.data.data_dir={data_dir}",
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+    return spawn_train(
+        TINY_FLAGS, workdir, data_dir, JAXREPRO_COMPILE_CACHE_DIR=cache_dir, PYTHONUNBUFFERED="1"
     )
 
 

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
-from helpers import REPO, TINY_FLAGS
+from helpers import TINY_FLAGS, spawn_train
 
 from jaxrepro import status
 from jaxrepro.__main__ import main
@@ -21,22 +19,7 @@ WATCHED = [*TINY_FLAGS, "--config.pretrain.steps=120", "--config.runtime.heartbe
 
 
 def _spawn(workdir, data_dir):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "jaxrepro",
-            "train",
-            *WATCHED,
-            f"--workdir={workdir}",
-            f"--config.data.data_dir={data_dir}",
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    return spawn_train(WATCHED, workdir, data_dir)
 
 
 def _wait_for(predicate, proc, timeout=240):
