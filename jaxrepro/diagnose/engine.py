@@ -185,7 +185,7 @@ def _due(every: int, phase_step: int) -> bool:
 # ----------------------------------------------------------------------------- outcomes
 
 
-def _peak(rows, event, window: int, lo: int, until: int) -> dict:
+def _peak(rows, event, window: int, until: int) -> dict:
     """The arm's largest loss and lowest target accuracy around the onset."""
     phase, onset = event["phase"], int(event["step"])
     split = figure_lib.SPLIT_OF_PHASE.get(phase, "target_test")
@@ -208,7 +208,7 @@ def outcome(arm, rows, history, event, cfg, window: int, restore: int, until: in
         "recurred": match is not None,
         "match": match,
         "episodes": episodes,
-        **_peak(rows, event, window, restore, until),
+        **_peak(rows, event, window, until),
     }
 
 

@@ -62,7 +62,7 @@ def draw(original: list[dict], arms: dict[str, list[dict]], event: dict, diag: d
         ax.plot(s, v * scale, color="#444444", lw=2.6, alpha=0.55, label="original", zorder=1)
         seen: dict[str, int] = {}
         for name, rows in arms.items():
-            family = name.rstrip("0123456789.")
+            family = name.rstrip("0123456789.-")
             i = seen.get(family, 0)
             seen[family] = i + 1
             s, v = _series(rows, phase, kind, metric, sp, lo, hi)
