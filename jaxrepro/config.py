@@ -30,11 +30,16 @@ CORRUPT_POLICIES = ("error", "skip")  # jaxrepro.data.sources.CORRUPT_POLICIES
 DTYPES = ("float32", "bfloat16")
 # Fields that may differ between a workdir's stored config and a resuming one, because
 # they do not change the trajectory (where data is cached, how often we print).
-NON_SEMANTIC_FIELDS = ("data.data_dir", "runtime", "checkpoint", "dropoff")
+NON_SEMANTIC_FIELDS = ("data.data_dir", "runtime", "checkpoint", "dropoff", "diagnose")
 # Fields added after configs were first stored, with the value that gives the earlier
 # behaviour: a stored config.json / study.json without one means that value, so an
 # earlier run still resumes, replays and compares as the same config.
-ADDED_FIELDS = {"model.dropout_rate": 0.0}
+ADDED_FIELDS = {
+    "model.dropout_rate": 0.0,
+    "determinism.portable": False,
+    "data.on_corrupt": "error",
+    "data.jpeg_draft": False,
+}
 
 
 def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:

@@ -147,6 +147,18 @@ def test_a_stored_config_without_the_field_is_the_same_config(data_dir):
     assert config_lib.from_dict(stored).model.dropout_rate == 0.0
 
 
+def test_a_config_json_from_before_this_rounds_fields_still_resumes(data_dir):
+    """The run directory of an earlier version (no portable mode, diagnosis or corrupt-record
+    fields) holds the same config as today's defaults: it resumes, replays and compares."""
+    current = config_lib.to_dict(tiny_digits(data_dir))
+    stored = config_lib.to_dict(tiny_digits(data_dir))
+    del stored["determinism"]["portable"], stored["diagnose"]
+    del stored["data"]["on_corrupt"], stored["data"]["jpeg_draft"]
+    assert config_lib.diff(stored, current) == []
+    current["determinism"]["portable"] = True
+    assert config_lib.diff(stored, current) == ["determinism.portable"]
+
+
 def test_study_refuses_to_vary_dropout_without_dropout(data_dir, tmp_path):
     config = tiny_digits(data_dir)
     out = tmp_path / "out"
