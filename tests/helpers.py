@@ -155,3 +155,15 @@ def spawn_train(flags: list[str], workdir: str, data_dir: str, **env) -> subproc
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )  # fmt: skip
+
+
+def spy(monkeypatch, owner, name: str) -> list[dict]:
+    """Wraps ``owner.name`` so that every call's keyword arguments are recorded."""
+    calls, real = [], getattr(owner, name)
+
+    def wrapped(*args, **kw):
+        calls.append(kw)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(owner, name, wrapped)
+    return calls

@@ -7,7 +7,7 @@ import os
 import signal
 
 import pytest
-from helpers import tiny_digits
+from helpers import spy, tiny_digits
 from test_cli_errors import cli
 
 from jaxrepro import audit, trajectory
@@ -37,14 +37,8 @@ def test_dropoffs_and_exact_replay_from_the_command_line(run_dir, tmp_path):
 
 
 def test_audit_sigkills_the_training_process_and_resumes_bitwise(data_dir, tmp_path, monkeypatch):
-    calls = []
-    real = trajectory.compare
-
-    def spy(reference, other, **kw):  # the audit's row verdicts are trajectory.compare's
-        calls.append(kw)
-        return real(reference, other, **kw)
-
-    monkeypatch.setattr(trajectory, "compare", spy)
+    # the audit's row verdicts are trajectory.compare's
+    calls = spy(monkeypatch, trajectory, "compare")
     report = audit.audit(tiny_digits(data_dir), steps=6, out=str(tmp_path))
     assert report["ok"], report
     assert calls == [{"start": 0}, {"start": 0}]  # repeat, kill_and_resume

@@ -8,7 +8,7 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_digits
+from helpers import spy, tiny_digits
 
 from jaxrepro import dropoff as dropoff_lib
 from jaxrepro import replay as replay_lib
@@ -31,14 +31,7 @@ def original(data_dir, tmp_path_factory):
 
 def test_exact_replay_is_bitwise(original, monkeypatch):
     path, info = original
-    calls = []
-    real = trajectory.compare
-
-    def spy(reference, other, **kw):  # the replay's verdict is trajectory.compare's
-        calls.append(kw)
-        return real(reference, other, **kw)
-
-    monkeypatch.setattr(trajectory, "compare", spy)
+    calls = spy(monkeypatch, trajectory, "compare")  # the replay's verdict is trajectory.compare's
     s = replay_lib.replay(path, from_step=4)
     assert calls == [{"start": 4, "until": None}]
     assert s["kind"] == "exact" and s["from_step"] == 4 and s["status"] == "done"

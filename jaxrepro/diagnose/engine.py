@@ -43,7 +43,7 @@ from jaxrepro.plumbing import jsonio
 from jaxrepro.train import runinfo
 from jaxrepro.train.evaluation import Evaluator
 from jaxrepro.train.programs import Programs
-from jaxrepro.train.record import train_row
+from jaxrepro.train.record import is_logged, train_row
 from jaxrepro.train.setup import RunSetup
 from jaxrepro.train.step import step_controls, unpack_metrics
 from jaxrepro.workdir import Workdir
@@ -152,10 +152,9 @@ class ArmRunner:
                 if stopped:
                     break
                 m = unpack_metrics(np.asarray(m))
-                last = s == phase.end - 1
                 if policy == "stop" and not m["finite"]:
                     stopped = True
-                if not (s - phase.start) % phase.log_every or last or stopped:
+                if is_logged(phase, s) or stopped:
                     rows.append(train_row(phase, s, epoch, m))
             pending.clear()
 

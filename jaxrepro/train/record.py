@@ -49,6 +49,11 @@ def train_row(phase, step: int, epoch, m) -> dict:
     return row
 
 
+def is_logged(phase, step: int) -> bool:
+    """Whether train step ``step`` gets a row: every ``log_every``-th and the phase's last."""
+    return not (step - phase.start) % phase.log_every or step == phase.end - 1
+
+
 def open_metrics(ws, primary: bool, keep_before_step, restored_phase):
     """Process 0's MetricsWriter; the other hosts keep the same rows in memory only."""
     writer = None
@@ -123,8 +128,8 @@ class Record:
         self.nonfinite += not m["applied"]
         if self.config.train.nonfinite_policy == "stop" and not m["finite"]:
             self.stop_at = step + 1
-        logged = not (step - phase.start) % phase.log_every or step == phase.end - 1
-        if logged or self.stop_at is not None:  # a stop's row is written whatever log_every
+        # a stop's row is written whatever log_every
+        if is_logged(phase, step) or self.stop_at is not None:
             self.log_rows([train_row(phase, step, epoch, m)])
 
     def log_rows(self, rows) -> None:
