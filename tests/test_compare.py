@@ -84,7 +84,7 @@ def test_study_against_reference_runs(study, tmp_path):
     unstarted = jax_dir / "runs" / "s9"  # a study run that has not logged yet: left out
     _write_run(unstarted, [], 9)
     out = tmp_path / "out"
-    result = report.compare(jax_dir, torch_dir, out, n_boot=500)
+    result = report.compare(jax_dir, torch_dir, out)
     assert result["jax"]["kind"] == "study" and result["jax"]["runs"] == ["s0", "s1", "s2", "s3"]
     assert result["torch"]["kind"] == "reference"
     # Same config (seed i with seed i): one pair per seed, each with the known divergence.
@@ -178,7 +178,7 @@ def test_pytorch_result_files_one_run_per_subdirectory(study, tmp_path):
         _lightning_csv(results / f"seed{seed}" / "lightning_logs" / "version_0" / "metrics.csv",
                        seed, acc)  # fmt: skip
     mapping = {"val_acc": ("eval", "accuracy", "source_test")}
-    result = report.compare(jax_dir, results, tmp_path / "out", mapping=mapping, n_boot=200)
+    result = report.compare(jax_dir, results, tmp_path / "out", mapping=mapping)
     assert result["torch"] == {"path": str(results), "kind": "results",
                                "runs": ["seed0", "seed1", "seed2", "seed3"]}  # fmt: skip
     assert result["pairs"] == []  # result files carry no config: no same-batches claim

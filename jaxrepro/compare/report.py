@@ -14,7 +14,7 @@ its figures:
   from the same initial weights): the per-step divergence of the two trajectories (loss
   and grad-norm differences, eval differences) and the distance between the final
   parameters after porting (the JAX run's last checkpoint vs the saved state_dict);
-* final metrics across seeds: each group's values, a bootstrap CI of the difference of
+* final metrics across seeds: each group's values, Welch's t-interval of the difference of
   means (JAX - PyTorch) and a two-sample test (``jaxrepro.stats.compare_groups``).
 """
 
@@ -185,7 +185,7 @@ def final_metrics(run: Run) -> dict[str, float]:
     return out
 
 
-def distributions(jax_runs, torch_runs, n_boot: int, seed: int) -> dict:
+def distributions(jax_runs, torch_runs, seed: int) -> dict:
     """Per metric found in both groups: the values, and a comparison when n >= 2 each."""
     ja = [final_metrics(r) for r in jax_runs]
     to = [final_metrics(r) for r in torch_runs]
@@ -196,7 +196,7 @@ def distributions(jax_runs, torch_runs, n_boot: int, seed: int) -> dict:
         b = [m[name] for m in to if name in m and math.isfinite(m[name])]
         entry = {"jax": a, "pytorch": b, "comparison": None}
         if len(a) >= 2 and len(b) >= 2:
-            entry["comparison"] = stats.compare_groups(a, b, n_boot=n_boot, seed=seed)
+            entry["comparison"] = stats.compare_groups(a, b, seed=seed)
         else:
             entry["note"] = "a CI and test need >= 2 runs per group"
         out[name] = entry
@@ -420,7 +420,7 @@ def _check_comparable(jax_runs, torch_runs, pairs, dists) -> None:
     )
 
 
-def compare(jax_path, torch_path, out, *, mapping=None, phase=None, n_boot=2000, seed=0) -> dict:
+def compare(jax_path, torch_path, out, *, mapping=None, phase=None, seed=0) -> dict:
     """Compares JAX runs with PyTorch runs; writes OUT/compare.json, report.md and figures.
 
     Args:
@@ -430,8 +430,7 @@ def compare(jax_path, torch_path, out, *, mapping=None, phase=None, n_boot=2000,
       mapping: metric-name mapping for PyTorch result files (see ``readers``).
       phase: the phase of PyTorch result rows that carry none (default: the JAX runs'
         only trained phase, else 'pretrain').
-      n_boot: bootstrap resamples of the difference of final metrics.
-      seed: seed of the bootstrap and permutation draws.
+      seed: seed of the Monte-Carlo permutation draws.
 
     Returns:
       What compare.json holds.
@@ -446,7 +445,7 @@ def compare(jax_path, torch_path, out, *, mapping=None, phase=None, n_boot=2000,
         default = _fill_phase(torch_runs, jax_runs) if phase is None else phase
         notes.append(f"PyTorch result rows without a phase were taken as phase {default!r}")
     pairs = _pairs(jax_runs, torch_runs, notes)
-    dists = distributions(jax_runs, torch_runs, n_boot, seed)
+    dists = distributions(jax_runs, torch_runs, seed)
     _check_comparable(jax_runs, torch_runs, pairs, dists)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
