@@ -349,7 +349,13 @@ def _verdict(lo: float, hi: float, diff: float, higher_is_better: bool) -> str:
 
 
 def compare_means(
-    arm, baseline, *, paired: bool = False, ci: float = 0.95, higher_is_better: bool = True
+    arm,
+    baseline,
+    *,
+    paired: bool = False,
+    ci: float = 0.95,
+    higher_is_better: bool = True,
+    bounds=(-math.inf, math.inf),
 ) -> dict:
     """An arm's mean against the baseline's: the difference, its t-interval, P(better).
 
@@ -362,6 +368,8 @@ def compare_means(
     baseline's (higher, or lower with ``higher_is_better=False``) under the same t
     approximation of the difference's posterior (flat prior): ``F_t(diff / se; dof)``.
     It exceeds (1 + ci) / 2 exactly when the interval excludes zero on the better side.
+    With ``bounds`` (the range of the values, e.g. (0, 1)) the interval is clipped to the
+    differences possible, +-(high - low).
 
     Returns:
         ``{"n_arm", "n_baseline", "mean_arm", "mean_baseline", "diff", "se", "dof",
@@ -404,7 +412,8 @@ def compare_means(
         p_higher = 1.0 if diff > 0 else (0.0 if diff < 0 else 0.5)
     else:
         half = t_quantile((1 + ci) / 2, dof) * se
-        lo, hi = diff - half, diff + half
+        width = bounds[1] - bounds[0]
+        lo, hi = max(diff - half, -width), min(diff + half, width)
         p_higher = t_cdf(diff / se, dof)
     return {
         "n_arm": n_a,
@@ -486,7 +495,12 @@ def _first(mapping: dict, baseline, what: str):
 
 
 def compare_arms(
-    values_by_arm: dict, *, baseline=None, ci: float = 0.95, higher_is_better: bool = True
+    values_by_arm: dict,
+    *,
+    baseline=None,
+    ci: float = 0.95,
+    higher_is_better: bool = True,
+    bounds=(-math.inf, math.inf),
 ) -> dict:
     """Each arm's distribution of one quantity, and its difference to the baseline arm.
 
@@ -497,6 +511,7 @@ def compare_arms(
         baseline: the baseline arm (default: the first).
         ci: the confidence level.
         higher_is_better: whether a higher value is better (accuracy) or not (loss).
+        bounds: the range the quantity lives in (see :func:`summarize`).
 
     Returns:
         ``{"baseline", "arms": {arm: {"summary": summarize(...) or {"n": 0, "error"},
@@ -508,7 +523,7 @@ def compare_arms(
     for arm, values in values_by_arm.items():
         entry = {}
         try:
-            entry["summary"] = summarize(list(values.values()), ci=ci)
+            entry["summary"] = summarize(list(values.values()), ci=ci, bounds=bounds)
         except ValueError as e:
             entry["summary"] = {"n": 0, "n_nonfinite": len(values), "error": str(e)}
         entry["vs_baseline"] = None
@@ -519,7 +534,7 @@ def compare_arms(
             b = [base[k] for k in keys] if paired else list(base.values())
             try:
                 entry["vs_baseline"] = compare_means(
-                    a, b, paired=paired, ci=ci, higher_is_better=higher_is_better
+                    a, b, paired=paired, ci=ci, higher_is_better=higher_is_better, bounds=bounds
                 )
             except ValueError as e:
                 entry["vs_baseline"] = {"error": str(e)}

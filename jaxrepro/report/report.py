@@ -2,8 +2,19 @@
 
 The study (``jaxrepro.study``) loads each finished run into a *record*: ``{"run", "point",
 "varied_seeds", "seeds", "status", "workdir", "events", "summary" (stats.run_summary),
-"info" (run.json)}``. This module turns records into numbers (:func:`point_statistics`,
-:func:`compare_points`), figures (:func:`draw_figures`) and markdown (:func:`write_report`).
+"info" (run.json)}`` and optionally ``"arm"``. This module turns records into numbers
+(:func:`point_statistics`, :func:`arm_statistics`), figures (:func:`draw_figures`) and
+markdown (:func:`write_report`).
+
+Arms: every run belongs to one arm, :func:`arm_of`: its record's ``arm`` where the study
+names arms, else its grid point (``--grid``), or the single arm ``all`` of a study
+without a grid. The first arm (in the study's order) is the baseline the others are
+compared with.
+
+What a run's numbers say (:func:`run_row`): a run *failed* when it stopped on a
+non-finite value or its final target accuracy is within ``CHANCE_MARGIN`` of chance
+(1 / the number of classes); its backbone is *weak* when its source accuracy at the end
+of pretraining is below ``WEAK_BACKBONE``.
 """
 
 from __future__ import annotations
@@ -12,11 +23,17 @@ import itertools
 import math
 import os
 import re
+import statistics
 
 from jaxrepro import stats, trajectory
 from jaxrepro.report import figures
 
 QUANTITIES = ("final", "last_k_mean", "best")
+CHANCE_MARGIN = 0.05  # a final accuracy this close to chance (or closer) is a failed run
+WEAK_BACKBONE = 0.90  # source accuracy at the end of pretraining below this: a weak backbone
+SINGLE_ARM = "all"  # the arm of every run of a study without arms or grid
+_ARM_QUANTITIES = ("final", "last_k_mean")
+_ACC_BOUNDS = (0.0, 1.0)
 _EVAL_ORDER = (
     "pretrain/source_test",
     "pretrain/target_test",
@@ -37,9 +54,9 @@ def _eval_key_order(key: str):
     return (_EVAL_ORDER.index(key) if key in _EVAL_ORDER else len(_EVAL_ORDER), key)
 
 
-def _summarize(values, n_boot: int) -> dict:
+def _summarize(values, n_boot: int, bounds=(-math.inf, math.inf)) -> dict:
     try:
-        return stats.summarize(values, n_boot=n_boot)
+        return stats.summarize(values, n_boot=n_boot, bounds=bounds)
     except ValueError as e:  # no finite value: say so rather than fail the report
         return {"n": 0, "n_nonfinite": len(values), "error": str(e)}
 
@@ -87,7 +104,8 @@ def point_statistics(records: list[dict], factors, n_boot: int = 2000) -> dict:
         "n_runs": len(records),
         "runs": [r["run"] for r in records],
         "eval": {
-            k: {q: _summarize(_values(records, k, q), n_boot) for q in QUANTITIES} for k in keys
+            k: {q: _summarize(_values(records, k, q), n_boot, _ACC_BOUNDS) for q in QUANTITIES}
+            for k in keys
         },
         "train": {
             p: {
@@ -103,7 +121,10 @@ def point_statistics(records: list[dict], factors, n_boot: int = 2000) -> dict:
             for p in phases
         },
         "dropoffs": {
-            "rate": stats.dropoff_rate(events),
+            "rate": {
+                key: dict(r, ci=stats.rate_summary(r["n_with"], r["n_runs"]))
+                for key, r in stats.dropoff_rate(events).items()
+            },
             "runs_with_any": sorted(run for run, ev in events.items() if ev),
             "n_diverged": sum(r["status"] == "diverged" for r in records),
         },
@@ -111,19 +132,76 @@ def point_statistics(records: list[dict], factors, n_boot: int = 2000) -> dict:
     }
 
 
-def compare_points(by_point: dict, n_boot: int = 2000) -> list[dict]:
-    """Every pair of grid points: difference of means, bootstrap CI, P(A>B), a test."""
-    out = []
-    for (a, ra), (b, rb) in itertools.combinations(by_point.items(), 2):
-        for key in [k for k in _eval_keys(ra) if k in _eval_keys(rb)]:
-            for q in ("final", "last_k_mean"):
-                try:
-                    result = stats.compare_groups(
-                        _values(ra, key, q), _values(rb, key, q), n_boot=n_boot
-                    )
-                except ValueError as e:
-                    result = {"error": str(e)}
-                out.append({"a": a, "b": b, "metric": key, "quantity": q, **result})
+def arm_of(record: dict) -> str:
+    """The run's arm: its record's ``arm``, else its grid point, else ``all``."""
+    if record.get("arm"):
+        return record["arm"]
+    return SINGLE_ARM if record["point"] == "base" else record["point"]
+
+
+def _by_arm(records) -> dict:
+    out = {}
+    for r in records:
+        out.setdefault(arm_of(r), []).append(r)
+    return out
+
+
+def _pair_key(record) -> str:
+    """Runs of two arms with the same varied seeds are paired (the same seeds, one change)."""
+    return ",".join(f"{f}={s}" for f, s in sorted(record["varied_seeds"].items()))
+
+
+def arm_statistics(records: list[dict], ci: float = 0.95) -> dict:
+    """Each arm's final accuracies and event rates, and each arm against the baseline.
+
+    Returns:
+        ``{"baseline", "arms": [arm, ...], "n_runs": {arm: n}, "paired": {arm: bool},
+        "metrics": {"phase/split/quantity": stats.compare_arms(...)}, "rates": {"failed" |
+        "dropoff phase/metric": stats.compare_arm_rates(...)}}``; rates count runs.
+    """
+    by_arm = _by_arm(records)
+    if not by_arm:
+        return {}
+    baseline = next(iter(by_arm))
+    rows = {arm: [run_row(r) for r in recs] for arm, recs in by_arm.items()}
+    out = {
+        "baseline": baseline,
+        "arms": list(by_arm),
+        "n_runs": {arm: len(recs) for arm, recs in by_arm.items()},
+        "paired": {
+            arm: {_pair_key(r) for r in recs} == {_pair_key(r) for r in by_arm[baseline]}
+            for arm, recs in by_arm.items()
+        },
+        "metrics": {},
+        "rates": {},
+    }
+    for key, q in itertools.product(_MAIN_KEYS, _ARM_QUANTITIES):
+        values = {
+            arm: {
+                _pair_key(r): r["summary"]["eval"][key][q]
+                for r in recs
+                if key in r["summary"]["eval"]
+            }
+            for arm, recs in by_arm.items()
+        }
+        if all(values.values()):
+            out["metrics"][f"{key}/{q}"] = stats.compare_arms(
+                values, baseline=baseline, ci=ci, bounds=_ACC_BOUNDS
+            )
+    failed = {arm: (sum(bool(r["failed"]) for r in rs), len(rs)) for arm, rs in rows.items()}
+    out["rates"]["failed"] = stats.compare_arm_rates(failed, baseline=baseline, ci=ci)
+    streams = sorted({f"{e['phase']}/{e['metric']}" for r in records for e in r["events"]})
+    for stream in streams:
+        counts = {
+            arm: (
+                sum(any(f"{e['phase']}/{e['metric']}" == stream for e in r["events"]) for r in rs),
+                len(rs),
+            )
+            for arm, rs in by_arm.items()
+        }
+        out["rates"][f"drop-off {stream}"] = stats.compare_arm_rates(
+            counts, baseline=baseline, ci=ci
+        )
     return out
 
 
@@ -139,19 +217,67 @@ def config_digest(config: dict) -> dict:
     return {"file": "study_config.json", "fields": flat}
 
 
+def _final_key(evals: dict) -> str | None:
+    """The run's final target metric: fine-tuning's target accuracy, else pretraining's."""
+    for key in ("finetune/target_test", "pretrain/source_test"):
+        if key in evals:
+            return key
+    return None
+
+
+def run_verdicts(status: str, evals: dict, num_classes: dict) -> dict:
+    """Whether a run failed, and whether its backbone is weak (see the module docstring).
+
+    Args:
+        status: run.json's status ('diverged': it stopped on a non-finite value).
+        evals: ``{"phase/split": {"final": accuracy, ...}}``.
+        num_classes: phase -> its number of classes (chance is 1 / that); a phase
+            missing here is taken to have 10.
+
+    Returns:
+        ``{"failed": why or None, "chance": float, "weak_backbone": source accuracy or
+        None}``.
+    """
+    key = _final_key(evals)
+    phase = key.split("/")[0] if key else "finetune"
+    chance = 1.0 / (num_classes.get(phase) or 10)
+    failed = None
+    if status == "diverged":
+        failed = "stopped on a non-finite value"
+    elif key is not None:
+        final = evals[key]["final"]
+        if not math.isfinite(final):
+            failed = f"final {key} accuracy is not finite"
+        elif final <= chance + CHANCE_MARGIN:
+            failed = (
+                f"final {key} accuracy {_pct(final)}% is within {_pct(CHANCE_MARGIN)} points "
+                f"of chance ({_pct(chance)}%)"
+            )
+    source = evals.get("pretrain/source_test", {}).get("final")
+    weak = source if source is not None and source < WEAK_BACKBONE else None
+    return {"failed": failed, "chance": chance, "weak_backbone": weak}
+
+
 def run_row(record: dict) -> dict:
-    """One run's line of the summary: seeds, status, final metrics, drop-offs, time."""
+    """One run's line of the summary: seeds, status, final metrics, verdicts, time."""
     info = record["info"]
+    evals = record["summary"]["eval"]
+    num_classes = {p: v.get("num_classes") for p, v in (info.get("phases") or {}).items()}
     return {
         "run": record["run"],
         "point": record["point"],
+        "arm": arm_of(record),
         "seeds": record["varied_seeds"],
         "status": record["status"],
+        **run_verdicts(record["status"], evals, num_classes),
         "wall_time_s": info.get("wall_time_s"),
         "resumes": len(info.get("resumes", [])),
         "final_param_hash": info.get("final_param_hash"),
         "dropoffs": len(record["events"]),
-        "eval": {k: {q: v[q] for q in QUANTITIES} for k, v in record["summary"]["eval"].items()},
+        "eval": {
+            k: {q: v.get(q, math.nan) for q in (*QUANTITIES, "eval_to_eval")}
+            for k, v in evals.items()
+        },
         "workdir": os.path.join("runs", record["run"]),
     }
 
@@ -247,14 +373,21 @@ def _num(x) -> str:
     return "–" if x is None or not math.isfinite(x) else f"{x:.4g}"
 
 
+def _ci(lo, hi, n, fmt) -> str:
+    """An interval with its n beside it; a single value has none."""
+    if lo is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"no interval (n={n})"
+    return f"[{fmt(lo)}, {fmt(hi)}] (n={n})"
+
+
 def _stat_cells(s: dict, fmt) -> str:
     if "error" in s:
-        return f"{s['n']} | {s['error']} | | |"
+        return f"{s['error']} (n={s['n']}) | | | "
     std = f" ± {fmt(s['std'])}" if math.isfinite(s["std"]) else ""
-    bad = f" ({s['n_nonfinite']} non-finite)" if s["n_nonfinite"] else ""
+    bad = f"; {s['n_nonfinite']} non-finite left out" if s["n_nonfinite"] else ""
     return (
-        f"{s['n']}{bad} | {fmt(s['mean'])}{std} | [{fmt(s['ci_low'])}, {fmt(s['ci_high'])}] | "
-        f"{fmt(s['min'])} – {fmt(s['max'])} | {fmt(s['spread'])}"
+        f"{fmt(s['mean'])}{std} | {_ci(s['ci_low'], s['ci_high'], s['n'], fmt)}{bad} | "
+        f"{fmt(s['median'])} | {fmt(s['min'])} – {fmt(s['max'])}"
     )
 
 
@@ -309,14 +442,21 @@ def _what_was_run(summary: dict) -> list[str]:
     return lines + [""]
 
 
+_CI_NOTE = (
+    "CI: 95% Student's t interval of the mean over the n runs (n − 1 degrees of freedom; "
+    "for accuracies clipped to 0–100%). With a few runs it is wide, as it must be: a "
+    "bootstrap of 4 runs would claim a 95% interval that holds ~80% of the time."
+)
+
+
 def _stats_table(point: str, entry: dict, k: int) -> list[str]:
     lines = [
         f"### Statistics: {point}" if point != "base" else "### Statistics",
         "",
-        "Accuracies in %; CI: bootstrap 95% of the mean.",
+        f"Accuracies in %. {_CI_NOTE}",
         "",
-        "| metric | n | mean ± std | 95% CI | min – max | spread |",
-        "|---|---|---|---|---|---|",
+        "| metric | mean ± std | 95% CI (n) | median | min – max |",
+        "|---|---|---|---|---|",
     ]
     for key, by_q in entry["eval"].items():
         for q, s in by_q.items():
@@ -328,14 +468,24 @@ def _stats_table(point: str, entry: dict, k: int) -> list[str]:
     return lines + [""]
 
 
+def _run_verdict(r: dict) -> str:
+    out = [r["status"]]
+    if r.get("failed"):
+        out.append("**failed**")
+    if r.get("weak_backbone") is not None:
+        out.append("weak backbone")
+    return ", ".join(out)
+
+
 def _runs_table(summary: dict, k: int) -> list[str]:
     keys = [key for key in _MAIN_KEYS if any(key in r["eval"] for r in summary["runs"])]
-    head = " | ".join(f"{key} last / mean last {k}" for key in keys)
+    head = " | ".join(f"{key} last / mean last {k} (%)" for key in keys)
+    arms = len({r.get("arm") for r in summary["runs"]}) > 1
     lines = [
         "### Runs",
         "",
-        f"| run | status | {head} | drop-offs | train s |",
-        "|---" * (4 + len(keys)) + "|",
+        f"| run |{' arm |' if arms else ''} status | {head} | drop-offs | train s |",
+        "|---" * (4 + len(keys) + arms) + "|",
     ]
     for r in summary["runs"]:
         cells = " | ".join(
@@ -344,8 +494,9 @@ def _runs_table(summary: dict, k: int) -> list[str]:
             else "–"
             for key in keys
         )
+        arm = f" {r.get('arm')} |" if arms else ""
         lines.append(
-            f"| [{r['run']}]({r['workdir']}/run.json) | {r['status']} | {cells} | "
+            f"| [{r['run']}]({r['workdir']}/run.json) |{arm} {_run_verdict(r)} | {cells} | "
             f"{r['dropoffs']} | {r['wall_time_s'] or 0:.0f} |"
         )
     return lines + [""]
@@ -361,10 +512,18 @@ def _dropoff_lines(point: str, entry: dict) -> list[str]:
     )
     if not d["rate"]:
         return lines + ["", f"No drop-off was detected in any of the {n} runs.", ""]
-    lines += ["", "| phase/metric | runs with one | rate | steps |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "Runs with at least one drop-off; rate with its Clopper-Pearson 95% interval.",
+        "",
+        "| phase/metric | runs with one | rate (95% CI) | steps |",
+        "|---|---|---|---|",
+    ]
     for key, r in d["rate"].items():
         steps = ", ".join(map(str, r["steps"]))
-        lines.append(f"| {key} | {r['n_with']}/{r['n_runs']} | {r['rate']:.2f} | {steps} |")
+        c = r.get("ci") or stats.rate_summary(r["n_with"], r["n_runs"])
+        rate = f"{_pct(r['rate'])}% {_ci(c['ci_low'], c['ci_high'], r['n_runs'], _pct)}"
+        lines.append(f"| {key} | {r['n_with']}/{r['n_runs']} | {rate} | {steps} |")
     if entry.get("attribution_note"):
         return lines + ["", entry["attribution_note"], ""]
     lines += [
@@ -400,37 +559,98 @@ def _variance_lines(entry: dict) -> list[str]:
     lines = [
         "### Variance decomposition (hold others fixed)",
         "",
+        "Accuracies: variance in points², std in points (1 point = 1% accuracy).",
+        "",
         "| metric | factor | variance | std | fraction of total |",
         "|---|---|---|---|---|",
     ]
     for metric, v in entry["variance"].items():
         for f, fv in v.get("factors", {}).items():
-            cells = " | ".join(_num(fv[c]) for c in ("variance", "std", "fraction"))
+            scale = 100.0 if "/" in metric else 1.0  # phase/split/quantity: an accuracy
+            cells = " | ".join(
+                _num(x) for x in (fv["variance"] * scale**2, fv["std"] * scale, fv["fraction"])
+            )
             lines.append(f"| {metric} | {f} | {cells} |")
     return lines + [""]
 
 
-def _comparison_lines(summary: dict, k: int) -> list[str]:
-    if not summary["comparisons"]:
+def _metric_name(key: str, k: int) -> str:
+    phase, split, q = key.split("/")
+    what = {"source_test": "source test accuracy", "target_test": "target test accuracy"}
+    return f"{phase} {what.get(split, split)} ({_QUANTITY_NAMES[q].format(k=k)})"
+
+
+def _diff_cells(c: dict | None, fmt, unit: str) -> str:
+    if c is None:
+        return "baseline | | "
+    if "error" in c:
+        return f"{c['error']} | | "
+    ci = _ci(c["ci_low"], c["ci_high"], f"{c.get('n_arm', '?')} vs {c.get('n_baseline', '?')}", fmt)
+    how = {"paired": ", paired", "welch": ", Welch"}.get(c["method"], "")
+    p = f"{c['p_better']:.2f}" if math.isfinite(c["p_better"]) else "–"
+    return f"{fmt(c['diff'])}{unit} {ci}{how} | {p} | {c['verdict']}"
+
+
+_ARM_NOTE = (
+    "Accuracies in %, differences in points (arm − baseline). CI: 95% Student's t interval "
+    "of the mean (n runs); of a difference: paired t where the arm ran the baseline's "
+    "seeds, else Welch's. P(better): the probability that the arm's mean is higher than "
+    "the baseline's under the same t approximation (flat prior), so it exceeds 0.975 "
+    "exactly when the interval lies above zero. Rates: runs with the event, "
+    "Clopper-Pearson 95% interval; a difference of rates: Newcombe's interval from "
+    "Clopper-Pearson limits; P(better): the posterior probability (uniform priors) that "
+    "the arm's rate is lower. 'no detectable effect': the interval covers zero."
+)
+
+
+def _arm_lines(arms: dict, k: int) -> list[str]:
+    if not arms or len(arms["arms"]) < 2:
         return []
-    lines = [
-        "## Grid points compared (A − B)",
+    lines = [f"## Arms compared with the baseline ({arms['baseline']})", "", _ARM_NOTE, ""]
+    for key, comp in arms["metrics"].items():
+        lines += [
+            f"### {_metric_name(key, k)}",
+            "",
+            "| arm | mean [95% CI] (n) | median | min – max | arm − baseline [95% CI] | "
+            "P(better) | verdict |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for arm, e in comp["arms"].items():
+            s = e["summary"]
+            if "error" in s:
+                lines.append(f"| {arm} | {s['error']} | | | | | |")
+                continue
+            lines.append(
+                f"| {arm} | {_pct(s['mean'])} {_ci(s['ci_low'], s['ci_high'], s['n'], _pct)} | "
+                f"{_pct(s['median'])} | {_pct(s['min'])} – {_pct(s['max'])} | "
+                f"{_diff_cells(e['vs_baseline'], _pct, '')} |"
+            )
+        lines.append("")
+    lines += [
+        "### Rates: failed runs and drop-offs",
         "",
-        "| A | B | metric | mean A | mean B | diff [95% CI] | P(A>B) | test, p |",
-        "|---|---|---|---|---|---|---|---|",
+        "| event | arm | runs | rate [95% CI] | arm − baseline [95% CI] | P(better) | verdict |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for c in summary["comparisons"]:
-        metric = f"{c['metric']} ({_QUANTITY_NAMES[c['quantity']].format(k=k)})"
-        if "error" in c:
-            lines.append(f"| {c['a']} | {c['b']} | {metric} | {c['error']} | | | | |")
-            continue
-        t = c["test"]
-        lines.append(
-            f"| {c['a']} | {c['b']} | {metric} | {_pct(c['mean_a'])} | {_pct(c['mean_b'])} | "
-            f"{_pct(c['diff'])} [{_pct(c['diff_ci_low'])}, {_pct(c['diff_ci_high'])}] | "
-            f"{c['p_improvement']:.2f} | {t['name']}, {t['p_value']:.3g} |"
-        )
+    for event, comp in arms["rates"].items():
+        for arm, e in comp["arms"].items():
+            r = e["rate"]
+            diff = e["vs_baseline"]
+            if diff is not None:
+                diff = dict(
+                    diff, n_arm=r["n"], n_baseline=comp["arms"][comp["baseline"]]["rate"]["n"]
+                )
+            lines.append(
+                f"| {event} | {arm} | {r['k']}/{r['n']} | {_pct(r['rate'])}% "
+                f"{_ci(r['ci_low'], r['ci_high'], r['n'], _pct)} | "
+                f"{_diff_cells(diff, _pct, '')} |"
+            )
     return lines + [""]
+
+
+def _accuracy(metric: str, x) -> str:
+    """A drop-off's value: accuracy in %, loss as is."""
+    return f"{_pct(x)}%" if metric.startswith("accuracy") else _num(x)
 
 
 def _replay_lines(replay: dict) -> list[str]:
@@ -448,7 +668,8 @@ def _replay_lines(replay: dict) -> list[str]:
     lines += [
         f"The most severe drop-off (severity {replay['severity']:.3g}) is {e['kind']} of "
         f"{e['metric']} in run {replay['run']} at {e['phase']} step {e['step']} "
-        f"({_num(e['before'])} → {_num(e.get('peak_after', e['after']))} at its peak, "
+        f"({_accuracy(e['metric'], e['before'])} → "
+        f"{_accuracy(e['metric'], e.get('peak_after', e['after']))} at its peak, "
         f"until step {e.get('end_step', e['step'])}).",
         f"Replayed from checkpoint {replay['from_step']} to step {replay['until']} "
         f"([{replay['replay_dir']}]({replay['replay_dir']}/replay_summary.json)): "
@@ -458,8 +679,9 @@ def _replay_lines(replay: dict) -> list[str]:
     if v.get("replayed") is not None:
         same = "reproduced bit for bit" if v["reproduced"] else "NOT reproduced"
         lines.append(
-            f"At the event the replay's value is {_num(v['replayed'])} against "
-            f"{_num(v['original'])} in the original: the drop-off is {same}."
+            f"At the event the replay's value is {_accuracy(e['metric'], v['replayed'])} "
+            f"against {_accuracy(e['metric'], v['original'])} in the original: the drop-off "
+            f"is {same}."
         )
     flagged = "flagged it again" if replay.get("event_recurs") else "did not flag it"
     lines.append(
@@ -504,17 +726,174 @@ def _diagnosis_lines(diag: dict) -> list[str]:
     return lines + [""]
 
 
+def _names(rows, fmt) -> str:
+    return ", ".join(fmt(r) for r in rows)
+
+
+def _diagnosis_sentences(diag: dict) -> list[str]:
+    if not diag:
+        return []
+    if diag.get("skipped"):
+        return [f"- No diagnosis by intervention: {diag['skipped']}."]
+    out = []
+    for d in diag["diagnosed"]:
+        e = d["event"]
+        what = f"{e['kind']} of {e['metric']} in run {d['run']} at {e['phase']} step {e['step']}"
+        if "failed" in d:
+            out.append(f"- The diagnosis of the {what} failed ({d['failed']}).")
+        else:
+            out.append(
+                f"- **Diagnosed by intervention**: the {what} is due to **{d['cause']}** "
+                f"({d['because']})."
+            )
+    return out
+
+
+def _failure_sentences(runs: list[dict]) -> list[str]:
+    failed = [r for r in runs if r.get("failed")]
+    if not failed:
+        chance = {r.get("chance") for r in runs if r.get("chance")}
+        level = f" ({', '.join(f'{_pct(c)}%' for c in sorted(chance))})" if chance else ""
+        return [
+            f"- No run failed: none stopped on a non-finite value or ended within "
+            f"{_pct(CHANCE_MARGIN)} points of chance{level}."
+        ]
+    return [
+        f"- **{len(failed)} of {len(runs)} runs failed**: "
+        + _names(failed, lambda r: f"{r['run']} ({r['failed']})")
+        + "."
+    ]
+
+
+def _backbone_sentences(runs: list[dict]) -> list[str]:
+    weak = [r for r in runs if r.get("weak_backbone") is not None]
+    if not weak:
+        return []
+    return [
+        f"- **Confound: a weak backbone** in {len(weak)} of {len(runs)} runs (source test "
+        f"accuracy at the end of pretraining below {_pct(WEAK_BACKBONE)}%: "
+        + _names(weak, lambda r: f"{r['run']} {_pct(r['weak_backbone'])}%")
+        + "): what fine-tuning does after it may come from the weak pretraining, not from "
+        "what the study varies."
+    ]
+
+
+def eval_noise(runs: list[dict], key: str) -> dict | None:
+    """How much one eval of ``key`` moves: the runs' eval-to-eval changes (stats.run_summary)."""
+    moves = [
+        (r["eval"][key]["eval_to_eval"], r["run"])
+        for r in runs
+        if key in r["eval"] and math.isfinite(r["eval"][key].get("eval_to_eval", math.nan))
+    ]
+    if not moves:
+        return None
+    values = sorted(m for m, _ in moves)
+    return {
+        "median": float(statistics.median(values)),
+        "min": values[0],
+        "max": values[-1],
+        "max_run": max(moves)[1],
+        "n": len(values),
+    }
+
+
+def _noise_sentences(runs: list[dict], k: int) -> list[str]:
+    out = []
+    for key in _MAIN_KEYS:
+        noise = eval_noise(runs, key)
+        if noise is None:
+            continue
+        phase, split = key.split("/")
+        out.append(
+            f"- **Single-eval noise**: one eval of {phase} {split.replace('_', ' ')} accuracy "
+            f"moves by a median {_pct(noise['median'])} points from one eval to the next over "
+            f"the phase's second half (across the {noise['n']} runs: "
+            f"{_pct(noise['min'])}–{_pct(noise['max'])}, the most in {noise['max_run']}): a "
+            f"difference of single evals ('last eval') smaller than that is noise; the mean "
+            f"of the last {k} evals is steadier."
+        )
+    return out
+
+
+def _arm_sentences(arms: dict, k: int) -> list[str]:
+    if not arms or len(arms.get("arms", [])) < 2:
+        return []
+    preferred = ("finetune/target_test/last_k_mean", "pretrain/source_test/last_k_mean")
+    key = next((m for m in preferred if m in arms["metrics"]), None)
+    out = []
+    for arm in arms["arms"][1:]:
+        parts = []
+        if key:
+            c = arms["metrics"][key]["arms"][arm]["vs_baseline"]
+            if c and "error" not in c:
+                ci = _ci(c["ci_low"], c["ci_high"], f"{c['n_arm']} vs {c['n_baseline']}", _pct)
+                p = f"{c['p_better']:.2f}" if math.isfinite(c["p_better"]) else "–"
+                parts.append(
+                    f"{_metric_name(key, k)} {_signed_pct(c['diff'])} points {ci}, "
+                    f"P(better) {p}: {c['verdict']}"
+                )
+        f = arms["rates"]["failed"]["arms"][arm]
+        base = arms["rates"]["failed"]["arms"][arms["baseline"]]["rate"]
+        parts.append(
+            f"failed runs {f['rate']['k']}/{f['rate']['n']} against {base['k']}/{base['n']}: "
+            f"{f['vs_baseline']['verdict']}"
+        )
+        out.append(f"- Arm **{arm}** against the baseline {arms['baseline']}: " + "; ".join(parts))
+    return out
+
+
+def _distribution_sentences(arms: dict, k: int) -> list[str]:
+    if not arms or len(arms.get("arms", [])) != 1:
+        return []
+    out = []
+    for key, comp in arms["metrics"].items():
+        if not key.startswith("finetune/target_test"):
+            continue
+        s = next(iter(comp["arms"].values()))["summary"]
+        if "error" in s:
+            continue
+        out.append(
+            f"- {_metric_name(key, k)}: mean {_pct(s['mean'])}% "
+            f"{_ci(s['ci_low'], s['ci_high'], s['n'], _pct)}, median {_pct(s['median'])}%, "
+            f"{_pct(s['min'])}–{_pct(s['max'])}%."
+        )
+    return out
+
+
+def _signed_pct(x) -> str:
+    return "–" if x is None or not math.isfinite(x) else f"{100 * x:+.1f}"
+
+
+def what_happened(summary: dict) -> list[str]:
+    """The report's first section: verdicts by intervention first, then failed runs,
+    confounds, the arms against the baseline, and whether other machines give these
+    numbers."""
+    k = summary["study"]["k_last"]
+    runs = summary["runs"]
+    lines = ["## What happened", ""]
+    lines += _diagnosis_sentences(summary.get("diagnoses") or {})
+    lines += _failure_sentences(runs) if runs else ["- No run finished."]
+    lines += _backbone_sentences(runs) + _noise_sentences(runs, k)
+    lines += _distribution_sentences(summary.get("arms") or {}, k)
+    lines += _arm_sentences(summary.get("arms") or {}, k)
+    platform = (summary.get("environment") or {}).get("platform")
+    if platform:
+        lines.append(f"- Other machines: {platform_sentence(platform)}.")
+    return lines + [""]
+
+
 def write_report(out: str, summary: dict) -> str:
     """Writes OUT/report.md from a study's summary; returns its path."""
     k = summary["study"]["k_last"]
     lines = ["# Seed study: " + ", ".join(summary["study"]["vary"]), ""]
+    lines += what_happened(summary)
     lines += _what_was_run(summary)
     lines += ["## Results", ""] + _runs_table(summary, k)
     lines += _diagnosis_lines(summary.get("diagnoses") or {})
+    lines += _arm_lines(summary.get("arms") or {}, k)
     for point, entry in summary["points"].items():
         lines += _stats_table(point, entry, k) + _variance_lines(entry)
         lines += _dropoff_lines(point, entry)
-    lines += _comparison_lines(summary, k)
     lines += ["## Figures", ""]
     for fig in summary["figures"].values():
         lines += [f"![{fig['title']}]({fig['path']})", ""]

@@ -269,7 +269,7 @@ def analyze(
         "runs": [report_lib.run_row(r) for r in records],
         "missing_runs": missing,
         "points": points,
-        "comparisons": report_lib.compare_points(by_point, n_boot=n_boot),
+        "arms": report_lib.arm_statistics(records),
         "figures": report_lib.draw_figures(out, by_point, k_last),
     }
     summary["replay"] = (
