@@ -39,6 +39,8 @@ ADDED_FIELDS = {
     "determinism.portable": False,
     "data.on_corrupt": "error",
     "data.jpeg_draft": False,
+    "finetune.schedule": None,
+    "finetune.warmup_steps": None,
 }
 
 
@@ -361,6 +363,9 @@ def _validate_phase(config, phase):
     if phase == "finetune":
         _number(config, "finetune.lr", lo=0, lo_open=True, allow_none=True)
         _number(config, "finetune.backbone_lr_mult", lo=0)
+        if _require(config, "finetune.schedule") is not None:
+            _choice(config, "finetune.schedule", SCHEDULES)
+        _positive_int(config, "finetune.warmup_steps", allow_zero=True, allow_none=True)
         _check_type(_require(config, "finetune.freeze_backbone"), bool, "finetune.freeze_backbone")
         _check_type(_require(config, "finetune.new_head"), bool, "finetune.new_head")
 
@@ -439,6 +444,9 @@ def base() -> ml_collections.ConfigDict:
         p.log_every = 1
         c[phase] = p
     c.finetune.lr = config_dict.placeholder(float)  # None: optimizer.lr
+    # None: optimizer.schedule / optimizer.warmup_steps (fine-tuning may have its own)
+    c.finetune.schedule = config_dict.placeholder(str)
+    c.finetune.warmup_steps = config_dict.placeholder(int)
     c.finetune.backbone_lr_mult = 1.0
     c.finetune.freeze_backbone = False
     c.finetune.new_head = True  # a new head from the 'head' seed

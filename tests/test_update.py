@@ -54,3 +54,26 @@ def test_update_norm_can_be_left_out_and_apply_is_checked():
         guarded_update(tx, params, opt_state, grads, jnp.ones(2, bool))
     with pytest.raises(ValueError, match="scalar bool"):
         guarded_update(tx, params, opt_state, grads, jnp.float32(1.0))
+
+
+def test_finetune_may_have_its_own_schedule_and_warmup():
+    """finetune.schedule / warmup_steps replace optimizer.*'s in fine-tuning only."""
+    from jaxrepro import config as config_lib
+    from jaxrepro.train import optimizer as optimizer_lib
+
+    c = config_lib.base()
+    c.pretrain.steps = c.finetune.steps = 100
+    c.optimizer.lr, c.optimizer.schedule, c.optimizer.warmup_steps = 1e-3, "cosine", 10
+    pre = optimizer_lib.schedule(c, "pretrain", 100)
+    same = optimizer_lib.schedule(c, "finetune", 100)  # unset: the optimizer's schedule
+    np.testing.assert_array_equal(
+        [pre(t) for t in (0, 5, 50, 99)], [same(t) for t in (0, 5, 50, 99)]
+    )
+    c.finetune.lr, c.finetune.schedule, c.finetune.warmup_steps = 3e-3, "constant", 0
+    config_lib.validate(c)
+    ft = optimizer_lib.schedule(c, "finetune", 100)
+    assert [float(ft(t)) for t in (0, 50, 99)] == pytest.approx([3e-3] * 3)
+    assert float(optimizer_lib.schedule(c, "pretrain", 100)(99)) < 1e-4  # pretrain: still cosine
+    c.finetune.schedule = "linear"
+    with pytest.raises(config_lib.ConfigError, match="finetune.schedule"):
+        config_lib.validate(c)

@@ -18,12 +18,25 @@ def learning_rate(config, phase: str):
     return float(config.optimizer.lr)
 
 
+def _phase_schedule(config, phase: str) -> tuple[str, int]:
+    """(schedule kind, warmup steps) of a phase: fine-tuning may set its own."""
+    opt = config.optimizer
+    kind, warmup = opt.schedule, int(opt.warmup_steps)
+    if phase == "finetune":
+        ft = config.finetune
+        if ft.get("schedule") is not None:
+            kind = ft.schedule
+        if ft.get("warmup_steps") is not None:
+            warmup = int(ft.warmup_steps)
+    return kind, warmup
+
+
 def schedule(config, phase: str, total_steps: int) -> optax.Schedule:
     """Linear warmup (optional) then constant or cosine to 0 over the phase."""
-    opt = config.optimizer
+    kind, warmup = _phase_schedule(config, phase)
     peak = learning_rate(config, phase)
-    warmup = min(int(opt.warmup_steps), max(total_steps - 1, 0))
-    if opt.schedule == "cosine":
+    warmup = min(warmup, max(total_steps - 1, 0))
+    if kind == "cosine":
         return optax.warmup_cosine_decay_schedule(
             0.0 if warmup else peak, peak, warmup, max(total_steps, warmup + 1), end_value=0.0
         )
