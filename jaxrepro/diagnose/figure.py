@@ -90,11 +90,12 @@ def build(original: list[dict], arms: dict[str, list[dict]], event: dict, diag: 
         w = int(diag["window"])
         yellow = figures.OKABE_ITO["yellow"]
         ax.axvspan(onset - w, onset + w, color=yellow, alpha=0.3, lw=0, label="onset window")
-        ax.axvline(lo, color=figures.GREY, lw=0.8, ls="--", label="restore point")
+        ax.axvline(lo, color=figures.GREY, lw=0.8, ls="--", label="restore point", gid="restore")
         ax.set_ylabel(label, fontsize=10)
         figures.style_axes(ax)
     ax_acc.set_ylim(-2, 102)
-    losses = [y for line in ax_loss.get_lines() for y in np.asarray(line.get_ydata(), float)]
+    curves = [line for line in ax_loss.get_lines() if line.get_gid() != "restore"]
+    losses = [y for line in curves for y in np.asarray(line.get_ydata(), float)]
     if losses and all(y > 0 for y in losses if np.isfinite(y)):
         ax_loss.set_yscale("log")
         ax_loss.set_ylabel(figures.LOSS_LABEL + ", log scale", fontsize=10)

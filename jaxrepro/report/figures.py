@@ -358,6 +358,7 @@ def save(fig: Figure, out_png: str, vector: str = VECTOR_FORMAT) -> str:
         raise ValueError(f"the vector copy is a pdf or an svg, got {vector!r}")
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
     fig.savefig(out_png, format="png", dpi=DPI)
+    fig.set_layout_engine("none")  # the layout is done: the vector copy keeps it (and time)
     meta = {"CreationDate": None} if vector == "pdf" else {"Date": None}
     fig.savefig(out_png[: -len(".png")] + "." + vector, format=vector, metadata=meta)
     return out_png
