@@ -506,3 +506,11 @@ def test_report_draws_one_set_with_grid_points_as_arms(monkeypatch, tmp_path):
     report.draw_figures(str(tmp_path), {"base": [record("aug0", "base", 0, arm="lr x0.5"),
                                                  record("aug1", "base", 1)]})  # fmt: skip
     assert seen["arms"] == {"aug=0": "lr x0.5", "aug=1": "base"}
+
+
+def test_an_episode_of_the_first_format_is_marked_at_its_onset():
+    # No peak_step: peak_after is the trough, but its step is unknown; the onset is drawn.
+    old = {"step": 60, "phase": "pretrain", "metric": "accuracy/source_test", "kind": "fall",
+           "after": 0.4, "peak_after": 0.1, "end_step": 80}  # fmt: skip
+    new = {**old, "peak_step": 80, "version": 2}
+    assert figures._peak(old) == (60, 0.4) and figures._peak(new) == (80, 0.1)

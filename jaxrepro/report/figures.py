@@ -402,15 +402,19 @@ def _episode_metric(event) -> str:
 
 
 def _peak(event) -> tuple[float, float]:
-    """(step, value) of an episode's peak (its onset and value after, in old files)."""
-    step = event.get("peak_step", event["step"])
-    value = event.get("peak_after", event.get("after"))
+    """(step, value) of an episode's peak; in files of the first format, which give no
+    peak step, its onset and the value there."""
+    if "peak_step" in event:
+        step, value = event["peak_step"], event.get("peak_after")
+    else:
+        step, value = event["step"], event.get("after")
     ok = isinstance(value, int | float) and math.isfinite(value)
     return float(step), (float(value) if ok else math.nan)
 
 
 def _mark_peaks(ax, events, offset, colour, scale, labelled: set, gid: str) -> None:
-    """Marks episodes at their peak; non-finite ones as a dotted vertical line."""
+    """Marks episodes at their peak (a loss's highest level, an accuracy's trough; the onset in
+    files of the first format); non-finite ones as a dotted vertical line."""
     for e in events:
         step, value = _peak(e)
         kind = _episode_metric(e)
@@ -418,8 +422,8 @@ def _mark_peaks(ax, events, offset, colour, scale, labelled: set, gid: str) -> N
         if kind not in labelled:
             labelled.add(kind)
             label = {
-                "loss": "loss drop-off (peak)",
-                "accuracy": "accuracy drop-off (trough)",
+                "loss": "loss drop-off",
+                "accuracy": "accuracy drop-off",
                 "nonfinite": "non-finite values",
             }[kind]
         if kind == "nonfinite" or not math.isfinite(value):
