@@ -133,8 +133,7 @@ def test_ema_is_debiased_stays_in_range_and_skips_nonfinite():
     assert np.all(np.delete(y, 2) >= 0.5) and np.all(np.delete(y, 2) <= 8.0)
     # The NaN does not enter: the average after it is that of the finite values alone.
     assert y[3] == pytest.approx(figures.ema(np.delete(x, 2), 3)[2])
-    # In log space, 1 and 100 average (equal weights after the debiasing of span 1/alpha)
-    # to a value below their arithmetic mean.
+    # In log space the average is geometric: below the arithmetic one of 1 and 100.
     assert figures.ema([1.0, 100.0], 3, log=True)[1] < figures.ema([1.0, 100.0], 3)[1]
     assert np.array_equal(figures.ema(x, 1), x, equal_nan=True)
 
