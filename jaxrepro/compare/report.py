@@ -294,7 +294,8 @@ def _figures(runs, pairs, dists, out: Path) -> list[str]:
         if d["jax"] and d["pytorch"] and "accuracy (final)" in name:
             png = str(out / f"final_{_slug(name)}.png")
             groups = {"JAX": d["jax"], "PyTorch": d["pytorch"]}
-            made.append(figures.final_distribution(groups, png, name, f"{name}: JAX vs PyTorch"))
+            title = f"{name}: JAX vs PyTorch"
+            made.append(figures.final_distribution(groups, png, f"{name} (%)", title, percent=True))
     return [os.path.basename(p) for p in made if p]
 
 

@@ -1,10 +1,13 @@
 """A diagnosis's figure and markdown summary.
 
 The figure has two panels sharing the step axis: the training loss of the event's phase
-and the accuracy of the phase's own target split (source test in pretraining, target
-test in fine-tuning), in percent. The original run is a thick dark line, each arm a
-labelled line of its own (one colour per arm family, a different line style per arm of a
-family), the onset window shaded and the restore step marked. PNG at 150 dpi and an SVG.
+(log scale) and the accuracy of the phase's own target split (source test in
+pretraining, target test in fine-tuning), in percent. The original run is a thick dark
+line, each arm a labelled line of its own (one Okabe-Ito colour per arm family, a
+different line style per arm of a family), the onset window shaded and the restore step
+marked. The style, labels and files are those of the study's figures
+(:mod:`jaxrepro.report.figures`): PNG at ``figures.DPI`` dpi, at least 1200 px wide, and
+an SVG.
 """
 
 from __future__ import annotations
@@ -12,20 +15,20 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+
+from jaxrepro.report import figures
 
 # Okabe-Ito: distinguishable with the common colour-vision deficiencies.
 _FAMILY_COLOURS = {
-    "exact": "#000000",
-    "aug": "#E69F00",
-    "order": "#56B4E9",
-    "skip": "#009E73",
-    "lr": "#CC79A7",
-    "clip": "#D55E00",
+    "exact": figures.OKABE_ITO["black"],
+    "aug": figures.OKABE_ITO["orange"],
+    "order": figures.OKABE_ITO["sky_blue"],
+    "skip": figures.OKABE_ITO["bluish_green"],
+    "lr": figures.OKABE_ITO["reddish_purple"],
+    "clip": figures.OKABE_ITO["vermillion"],
 }
-_STYLES = ("-", "--", ":", "-.")
-SPLIT_OF_PHASE = {"pretrain": "source_test", "finetune": "target_test"}
+_STYLES = figures.LINESTYLES
+SPLIT_OF_PHASE = figures.OWN_SPLIT
 
 
 def _series(rows, phase, kind, metric, split=None, lo=None, hi=None):
@@ -46,20 +49,26 @@ def _series(rows, phase, kind, metric, split=None, lo=None, hi=None):
 
 
 def draw(original: list[dict], arms: dict[str, list[dict]], event: dict, diag: dict, out: str):
-    """Writes ``out``.png and ``out``.svg; returns the PNG's path."""
+    """Writes :func:`build`'s figure to ``out``.png and ``out``.svg; returns the PNG's path."""
+    return figures.save(build(original, arms, event, diag), out + ".png", vector="svg")
+
+
+def build(original: list[dict], arms: dict[str, list[dict]], event: dict, diag: dict):
+    """The diagnosis figure (a ``matplotlib.figure.Figure``): loss above, accuracy below;
+    the original's lines have gid ``original``, an arm's ``arm:NAME``."""
     phase, onset = event["phase"], int(event["step"])
     lo, hi = int(diag["restore_step"]), int(diag["until"])
     split = SPLIT_OF_PHASE.get(phase, "target_test")
-    fig = Figure(figsize=(9.0, 6.4))
-    FigureCanvasAgg(fig)
+    fig = figures.new_figure(9.0, 6.4)
     ax_loss, ax_acc = fig.subplots(2, 1, sharex=True)
     panels = (
-        (ax_loss, "train", "loss", None, 1.0, "training loss"),
-        (ax_acc, "eval", "accuracy", split, 100.0, f"{split.replace('_', ' ')} accuracy (%)"),
+        (ax_loss, "train", "loss", None, 1.0, figures.LOSS_LABEL),
+        (ax_acc, "eval", "accuracy", split, 100.0, figures.accuracy_label(split)),
     )
     for ax, kind, metric, sp, scale, label in panels:
         s, v = _series(original, phase, kind, metric, sp, lo - (hi - lo), hi)
-        ax.plot(s, v * scale, color="#444444", lw=2.6, alpha=0.55, label="original", zorder=1)
+        ax.plot(s, v * scale, color="#444444", lw=2.6, alpha=0.55, label="original", zorder=1,
+                gid="original")  # fmt: skip
         seen: dict[str, int] = {}
         for name, rows in arms.items():
             family = name.rstrip("0123456789.-")
@@ -76,25 +85,29 @@ def draw(original: list[dict], arms: dict[str, list[dict]], event: dict, diag: d
                 ms=3,
                 label=name,
                 zorder=2,
+                gid=f"arm:{name}",
             )
         w = int(diag["window"])
-        ax.axvspan(onset - w, onset + w, color="#F0E442", alpha=0.3, lw=0, label="onset window")
-        ax.axvline(lo, color="#777777", lw=0.8, ls="--", label="restore point")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    ax_acc.set_xlabel("global step")
+        yellow = figures.OKABE_ITO["yellow"]
+        ax.axvspan(onset - w, onset + w, color=yellow, alpha=0.3, lw=0, label="onset window")
+        ax.axvline(lo, color=figures.GREY, lw=0.8, ls="--", label="restore point", gid="restore")
+        ax.set_ylabel(label, fontsize=10)
+        figures.style_axes(ax)
+    ax_acc.set_ylim(-2, 102)
+    curves = [line for line in ax_loss.get_lines() if line.get_gid() != "restore"]
+    losses = [y for line in curves for y in np.asarray(line.get_ydata(), float)]
+    if losses and all(y > 0 for y in losses if np.isfinite(y)):
+        ax_loss.set_yscale("log")
+        ax_loss.set_ylabel(figures.LOSS_LABEL + ", log scale", fontsize=10)
+    ax_acc.set_xlabel("Step", fontsize=11)
     verdict = diag.get("verdict", {})
-    fig.suptitle(
-        f"Drop-off {event.get('kind')} of {event.get('metric')} at step {onset} ({phase}): "
-        f"{verdict.get('cause', '?')}",
-        fontsize=11,
+    figures.set_title(
+        fig,
+        f"Drop-off ({event.get('kind')} of {event.get('metric')}) at step {onset}, "
+        f"{figures.phase_name(phase)}: {verdict.get('cause', '?')}",
     )
     ax_loss.legend(fontsize=7, ncol=4, loc="upper left", frameon=False)
-    fig.tight_layout()
-    png = out + ".png"
-    fig.savefig(png, dpi=150)
-    fig.savefig(out + ".svg")
-    return png
+    return fig
 
 
 def summary_markdown(diag: dict) -> str:

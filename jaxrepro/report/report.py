@@ -289,77 +289,34 @@ def _label(record) -> str:
     return ",".join(f"{f}={s}" for f, s in record["varied_seeds"].items())
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.=_+-]+", "_", text)[:80]
-
-
-def _try(fn, *args, **kw):
-    try:
-        return fn(*args, **kw)
-    except ValueError:  # e.g. a phase of zero steps: no curve to draw
-        return None
-
-
 def draw_figures(out: str, by_point: dict, k_last: int = 3) -> dict:
-    """The study's PNGs under OUT/figures; returns name -> {"path" (relative), "title"}."""
-    fig_dir = os.path.join(out, "figures")
-    made = {}
-    multi = len(by_point) > 1
-    finals = {}
-    for point, records in by_point.items():
-        runs = [(_label(r), r["workdir"]) for r in records]
-        prefix, suffix = (f"{_slug(point)}_", f" ({point})") if multi else ("", "")
-        specs = [
-            (
-                "pretrain_loss",
-                "pretraining loss per seed",
-                figures.curves_across_seeds,
-                ("pretrain",),
-            ),
-            (
-                "finetune_loss",
-                "fine-tuning loss per seed",
-                figures.curves_across_seeds,
-                ("finetune",),
-            ),
-            (
-                "pretrain_source_accuracy",
-                "source test accuracy during pretraining",
-                figures.eval_accuracy_across_seeds,
-                ("pretrain", "source_test"),
-            ),
-            (
-                "finetune_target_accuracy",
-                "target test accuracy during fine-tuning",
-                figures.eval_accuracy_across_seeds,
-                ("finetune", "target_test"),
-            ),
-        ]
-        for name, title, fn, args in specs:
-            png = os.path.join(fig_dir, f"{prefix}{name}.png")
-            if _try(fn, runs, *args, out_png=png):
-                made[prefix + name] = {"path": os.path.relpath(png, out), "title": title + suffix}
-        for key in ("pretrain/source_test", "finetune/target_test"):
-            phase, split = key.split("/")
-            for q, what in (("final", "last eval"), ("last_k_mean", f"mean of last {k_last}")):
-                values = _values(records, key, q)
-                if values:
-                    head = f"{point}\n" if multi else ""
-                    finals[f"{head}{phase} {split.split('_')[0]}\n({what})"] = values
-    if finals:
-        png = os.path.join(fig_dir, "final_accuracy.png")
-        if _try(
-            figures.final_distribution,
-            finals,
-            png,
-            ylabel="accuracy",
-            title=f"Final accuracy across seeds (last eval; mean of the last {k_last} evals)",
-        ):
-            made["final_accuracy"] = {
-                "path": os.path.relpath(png, out),
-                "title": "final accuracy distribution",
-            }
-    return made
+    """The study's figures under OUT/figures (``figures.study_figures``: PNG and PDF);
+    returns name -> {"path" (the PNG, relative), "vector" (the PDF, relative), "title"}.
+
+    A run's arm is its record's ``arm`` when set, else its grid point; its label is its
+    varied seeds, or its run name when several points share those seeds. ``k_last`` is
+    unused (the figures show the last eval), kept for the callers.
+    """
+    del k_last
+    records = [r for rs in by_point.values() for r in rs]
+    if not records:
+        return {}
+    labels = [_label(r) or r["run"] for r in records]
+    if len(set(labels)) < len(labels):
+        labels = [r["run"] for r in records]
+    runs = [(label, r["workdir"]) for label, r in zip(labels, records, strict=True)]
+    arms = {
+        label: str(r.get("arm") or r["point"]) for label, r in zip(labels, records, strict=True)
+    }
+    made = figures.study_figures(runs, os.path.join(out, "figures"), arms=arms)
+    return {
+        name: {
+            "path": os.path.relpath(f["png"], out),
+            "vector": os.path.relpath(f["pdf"], out),
+            "title": f["title"],
+        }
+        for name, f in made.items()
+    }
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -897,6 +854,8 @@ def write_report(out: str, summary: dict) -> str:
     lines += ["## Figures", ""]
     for fig in summary["figures"].values():
         lines += [f"![{fig['title']}]({fig['path']})", ""]
+        if fig.get("vector"):
+            lines += [f"{fig['title']}: [vector copy]({fig['vector']})", ""]
     lines += _replay_lines(summary["replay"])
     lines += [
         "Machine-readable: [summary.json](summary.json); per run: runs/NAME/ "
