@@ -109,9 +109,8 @@ _SQRT2 = math.sqrt(2.0)  # the difference of two independent points has sqrt(2) 
 _TINY = 1e-12  # losses are floored here before the log (a loss of 0 is not -inf)
 _MIN_LEARNED_LOG = math.log(2.0)  # severity: the loss fall a phase is credited with at least
 _MIN_LEARNED_ACC = 0.1  # severity: the accuracy gain a phase is credited with at least
-_DRIFT = 0.3  # of the threshold: what each point after a candidate onset must exceed
 _FALL_ONSET = 0.25  # of min_drop: how far below the reference the evals of a fall are
-_PRE = 15  # points before a candidate onset whose median is the level it is judged against
+_MIN_PRE = 5  # points before a rise's onset in its change-point fit (the line needs some)
 log = logging.getLogger("jaxrepro")
 
 
@@ -548,7 +547,7 @@ class OnlineDetector:
 
     def _open_rise(self, st: _LossStream, row: dict, level: float, ref: float, thr: float):
         """A sustained rise confirmed at this row: place its onset, open (or upgrade) it."""
-        index, step, phase_step, x = self._onset(st, thr)
+        index, step, phase_step, x = self._onset(st)
         last = st.spike
         new = []
         if last is not None and last[1]["end_step"] >= step - 2:
@@ -584,28 +583,23 @@ class OnlineDetector:
             self._set_peak(event, row["step"], math.exp(level), math.exp(level - ref))
         self._loss_severity(event, st, ref)
 
-    def _onset(self, st: _LossStream, thr: float):
-        """Where the rise confirmed now began: the hist entry ``t`` maximising the summed
-        excess (clipped to +-thr) of the points from ``t`` on over the median of the
-        ``_PRE`` points before ``t``: a two-segment (Page) change-point estimate whose
-        reference is the level just before each candidate, so the early, small steps of
-        a ramp count for it and a falling curve before it counts against it."""
-        hist = list(st.hist)
+    def _onset(self, st: _LossStream):
+        """Where the rise confirmed now began: a change-point fit over the points searched
+        (the last ``loss.lookback``, none before the end of an earlier rise).
+
+        The log losses are fitted by a line (the curve's own trend before the change)
+        plus, from a candidate point ``t`` on, either a step (a level jump) or a hinge
+        (a slope that starts at ``t``: a ramp); the onset is the ``t`` and form whose
+        upward change explains most of the squared deviation from the line (least
+        squares, closed form from prefix sums, O(points)). The line takes the
+        falling curve before the change into account, and the hinge places a ramp's
+        onset where its climb begins, not where it clears the noise.
+        """
+        hist = st.hist
         first = 0
         while first < len(hist) and hist[first][1] < st.floor_from:
             first += 1
-        best, pick = -math.inf, hist[-1]
-        xs = [h[3] for h in hist]
-        drift = _DRIFT * thr
-        for t in range(max(first + _PRE, 1), len(hist)):
-            pre = _median(xs[t - _PRE : t]) + drift
-            total = 0.0
-            for x in xs[t:]:
-                d = x - pre
-                total += thr if d > thr else (-thr if d < -thr else d)
-            if total > best:
-                best, pick = total, hist[t]
-        return pick[:4]
+        return _change_point(hist, first, _MIN_PRE)[:4]
 
     def _loss_severity(self, event: dict, st: _LossStream, m: float) -> None:
         learned = max((st.first if st.first is not None else m) - m, _MIN_LEARNED_LOG)
@@ -756,6 +750,48 @@ def _ref_position(values) -> int:
         if v[3] >= best:
             best, pos = v[3], i
     return pos
+
+
+def _change_point(hist, first: int, min_pre: int):
+    """The entry of ``hist[first:]`` (tuples whose [3] is a log loss) where an upward
+    step or hinge over a fitted line explains most of the squared deviation from the
+    line (:meth:`OnlineDetector._onset`); candidates leave ``min_pre`` points before."""
+    ys = [hist[i][3] for i in range(first, len(hist))]
+    n = len(ys)
+    if n <= min_pre + 1:
+        return hist[first] if n else hist[-1]
+    # The line: least squares of y on (1, i).
+    si = n * (n - 1) / 2
+    sii = (n - 1) * n * (2 * n - 1) / 6
+    det = n * sii - si * si
+    sy = sum(ys)
+    siy = 0.0
+    for i, y in enumerate(ys):
+        siy += i * y
+    b0 = (n * siy - si * sy) / det
+    a0 = (sy - b0 * si) / n
+    # Suffix sums of y and i*y: the regressor z of a candidate is 0 before t.
+    suf_y, suf_iy = [0.0] * (n + 1), [0.0] * (n + 1)
+    for i in range(n - 1, -1, -1):
+        suf_y[i] = suf_y[i + 1] + ys[i]
+        suf_iy[i] = suf_iy[i + 1] + i * ys[i]
+    best, pick = 0.0, n - 1
+    for t in range(min_pre, n):
+        m = n - t
+        # (sum z, sum z^2, sum i z, sum z y) of the step (z = 1) and the hinge (z = i - t)
+        sz_h = (m - 1) * m / 2
+        szz_h = (m - 1) * m * (2 * m - 1) / 6
+        for sz, szz, siz, szy in (
+            (m, m, (t + n - 1) * m / 2, suf_y[t]),
+            (sz_h, szz_h, szz_h + t * sz_h, suf_iy[t] - t * suf_y[t]),
+        ):
+            zy = szy - a0 * sz - b0 * siz  # z . (y - line)
+            if zy <= 0:
+                continue  # a fall, not a rise
+            zz = szz - (sii * sz * sz - 2 * si * sz * siz + n * siz * siz) / det
+            if zz > 1e-12 and zy * zy / zz > best:
+                best, pick = zy * zy / zz, t
+    return hist[first + pick]
 
 
 def detect(rows, cfg: ml_collections.ConfigDict | None = None) -> list[dict]:

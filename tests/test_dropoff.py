@@ -141,7 +141,7 @@ def test_a_ramp_is_one_episode_with_its_onset_near_the_climbs_start():
     e = events[0]
     # Documented: on the benchmark, 10 steps early to about a quarter of the ramp late.
     assert start - 10 <= e["step"] <= start + length // 4
-    assert e["confirmed_step"] - e["step"] >= 10  # it was placed back from its confirmation
+    assert e["confirmed_step"] - e["step"] >= 5  # it was placed back from its confirmation
     assert e["end_step"] == n - 1
 
 
