@@ -109,7 +109,6 @@ _SQRT2 = math.sqrt(2.0)  # the difference of two independent points has sqrt(2) 
 _TINY = 1e-12  # losses are floored here before the log (a loss of 0 is not -inf)
 _MIN_LEARNED_LOG = math.log(2.0)  # severity: the loss fall a phase is credited with at least
 _MIN_LEARNED_ACC = 0.1  # severity: the accuracy gain a phase is credited with at least
-_FALL_ONSET = 0.25  # of min_drop: how far below the reference the evals of a fall are
 _MIN_PRE = 5  # points before a rise's onset in its change-point fit (the line needs some)
 log = logging.getLogger("jaxrepro")
 
@@ -653,14 +652,11 @@ class OnlineDetector:
 
     def _open_fall(self, st: _AccStream, row, metric, ref, value) -> list[dict]:
         acc = self._acc
-        onset = (self._index, row["step"], row.get("phase_step"), value)
         values = list(st.values)
-        if values[-1][3] - value < acc.min_drop * 0.75:  # gradual: back to where it began
-            pos = _ref_position(values) if acc.reference == "max" else -1
-            for entry in reversed(values[pos + 1 :]):
-                if ref - entry[3] < acc.min_drop * _FALL_ONSET:
-                    break
-                onset = entry
+        pos = _ref_position(values) if acc.reference == "max" else 0
+        onset = _fall_onset(
+            [*values[pos:], (self._index, row["step"], row.get("phase_step"), value)]
+        )
         last = st.last_fall
         if last is not None and st.n - last[0] <= acc.refractory:
             event, new = last[1], []
@@ -792,6 +788,30 @@ def _change_point(hist, first: int, min_pre: int):
             if zz > 1e-12 and zy * zy / zz > best:
                 best, pick = zy * zy / zz, t
     return hist[first + pick]
+
+
+def _fall_onset(seg: list):
+    """The first eval of a fall: ``seg`` holds the evals from the reference (the best
+    one, or the oldest of the window for a median reference) to the one that confirmed
+    the fall, as (row index, step, phase_step, accuracy). The onset is the eval ``t >= 1``
+    where a downward step, or a hinge (a fall that grows by the same amount at each eval
+    from ``t`` on, already one unit at ``t``), from a constant level explains most of
+    the squared deviation from the mean (least squares); a sudden fall is the confirming
+    eval, a gradual one its first lower eval, one noisy eval in it does not cut it."""
+    n = len(seg)
+    ys = [v[3] for v in seg]
+    mean_y = sum(ys) / n
+    best, pick = 0.0, n - 1
+    for t in range(1, n):
+        for z in ([0.0] * t + [1.0] * (n - t), [0.0] * t + [float(k) for k in range(1, n - t + 1)]):
+            mean_z = sum(z) / n
+            zz = zy = 0.0
+            for zi, yi in zip(z, ys, strict=True):
+                zz += (zi - mean_z) ** 2
+                zy += (zi - mean_z) * (yi - mean_y)
+            if zy < 0 and zz > 0 and zy * zy / zz > best:  # a fall, not a rise
+                best, pick = zy * zy / zz, t
+    return seg[pick]
 
 
 def detect(rows, cfg: ml_collections.ConfigDict | None = None) -> list[dict]:
