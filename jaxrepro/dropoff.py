@@ -8,7 +8,9 @@ the loss is judged in log space: batch losses are right-skewed (a batch twice th
 is common on a noisy curve, one at half of it is not), their log is roughly symmetric.
 
 * ``spike``: a train loss at least ``loss.min_ratio`` (4) times the baseline median and
-  at least ``loss.z_threshold`` (5) robust sd above it; spikes within
+  at least ``loss.z_threshold`` (5.5) robust sd above it (the rule's 5 sd plus a half
+  for the error of an sd estimated from 30 points: at 5, noise batches of 4.5-5 true sd,
+  common where hard batches are, were alarms); spikes within
   ``loss.refractory`` (10) judged points are one episode.
 * ``rise``: a sustained rise, a level jump that stays or a gradual ramp to divergence,
   as one episode: the *level*, the median of the newest ``loss.shift_points`` (9)
@@ -32,24 +34,24 @@ losses and the noise's robust sd (:meth:`OnlineDetector._sd`); spike points neve
 it, nor do the points of an open rise (a level that stays up is compared with the level
 before it, however long it stays).
 
-**Onsets** are where a replay should branch (from the last checkpoint before
-``step``); they are placed once, when the episode is confirmed, and do not move, but
-for a spike that turns out to be the first point of a rise: it takes the rise's onset
-when that is earlier (a step or two). A spike's onset is its step. A rise's is placed
-back from the row that confirmed it, over the last ``loss.lookback`` points: the point
-``t`` maximising the summed excess of the points from ``t`` on over the median of the
-15 points before ``t`` plus 0.3 threshold (each excess clipped to +-threshold), a
-two-segment change-point estimate (Page's, with the level just before each candidate as
-its reference). For a level jump that is the jump's step (5 steps early to 1 late on the
-benchmark); for a ramp, the step where the climb leaves the noise, a few steps after its
-start because its first points rise less than 0.3 threshold (median 3-5 steps late, 10
-early to 17 late, on the benchmark's ramps of 20-80 steps). A fall's onset is the
-confirming eval when it fell by at least 0.75 ``min_drop`` from the eval before it
-(sudden); otherwise (gradual) the first of the evals leading up to it that are all at
-least a quarter of ``min_drop`` below the reference. ``confirmed_step`` is the row that
-opened the episode: the online delay. :meth:`OnlineDetector.pending_from` is the
-earliest step a not yet confirmed episode could be placed at, so the engine keeps a
-checkpoint before it.
+**Onsets** are where a replay should branch (from the last checkpoint before ``step``);
+they are placed once, when the episode is confirmed, and do not move, but for a spike
+that turns out to be the first point of a rise: it takes the rise's onset when that is
+earlier (a step or two). A spike's onset is its step. A rise's is placed back from the
+row that confirmed it, over the last ``loss.lookback`` points (none before the end of an
+earlier rise of the phase), by a least-squares change-point fit: a line (the curve's own
+trend, a falling loss before the change) plus, from the onset on, a step (a level jump)
+or a hinge (a climb of constant slope: a ramp), the onset and form that explain most of
+the squared deviation from the line upward. For a level jump that is the jump's step (5
+steps early to 3 late on the benchmark); for a ramp, where its climb begins (median 0-2
+steps late, 10 early to 15 late, on the benchmark's ramps of 20-80 steps: the start of a
+slow climb in noise cannot be placed closer). A fall's onset is, over the evals from the
+reference (the best of the window) to the one that confirmed it, the eval where a
+downward step or hinge from a constant level explains most of the squared deviation (a
+sudden fall: the confirming eval; a gradual one: its first lower eval, which one noisy
+eval in the fall does not move). ``confirmed_step`` is the row that opened the episode:
+the online delay. :meth:`OnlineDetector.pending_from` is the earliest step a not yet
+confirmed episode could be placed at, so the engine keeps a checkpoint before it.
 
 **Phase starts**: histories reset at a phase change (a new head and a new data stream
 make the past incomparable) and the first ``loss.transient_steps`` (10) steps of a
@@ -132,7 +134,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss.window = 30  # log losses in the baseline
     c.loss.min_history = 20  # baseline points needed before anything is judged
     c.loss.transient_steps = 10  # first phase steps not judged (new head, fresh optimizer)
-    c.loss.z_threshold = 5.0  # spike: robust sd above the baseline, log space
+    c.loss.z_threshold = 5.5  # spike: robust sd above the baseline, log space (rule: 5)
     c.loss.min_ratio = 4.0  # spike: value / baseline median
     c.loss.noise_window = 100  # consecutive differences giving the noise's sd
     c.loss.mad_floor = 0.02  # robust sd >= this (log space: 2%), a flat curve has MAD 0
@@ -588,9 +590,9 @@ class OnlineDetector:
 
         The log losses are fitted by a line (the curve's own trend before the change)
         plus, from a candidate point ``t`` on, either a step (a level jump) or a hinge
-        (a slope that starts at ``t``: a ramp); the onset is the ``t`` and form whose
-        upward change explains most of the squared deviation from the line (least
-        squares, closed form from prefix sums, O(points)). The line takes the
+        (a slope that starts at ``t``, already one unit up at ``t``: a ramp); the onset
+        is the ``t`` and form whose upward change explains most of the squared deviation
+        from the line (least squares, closed form from prefix sums, O(points)). The line takes the
         falling curve before the change into account, and the hinge places a ramp's
         onset where its climb begins, not where it clears the noise.
         """
@@ -775,11 +777,11 @@ def _change_point(hist, first: int, min_pre: int):
     for t in range(min_pre, n):
         m = n - t
         # (sum z, sum z^2, sum i z, sum z y) of the step (z = 1) and the hinge (z = i - t)
-        sz_h = (m - 1) * m / 2
-        szz_h = (m - 1) * m * (2 * m - 1) / 6
+        sz_h = m * (m + 1) / 2
+        szz_h = m * (m + 1) * (2 * m + 1) / 6
         for sz, szz, siz, szy in (
             (m, m, (t + n - 1) * m / 2, suf_y[t]),
-            (sz_h, szz_h, szz_h + t * sz_h, suf_iy[t] - t * suf_y[t]),
+            (sz_h, szz_h, szz_h + (t - 1) * sz_h, suf_iy[t] - (t - 1) * suf_y[t]),
         ):
             zy = szy - a0 * sz - b0 * siz  # z . (y - line)
             if zy <= 0:
