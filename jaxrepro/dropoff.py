@@ -43,15 +43,16 @@ earlier rise of the phase), by a least-squares change-point fit: a line (the cur
 trend, a falling loss before the change) plus, from the onset on, a step (a level jump)
 or a hinge (a climb of constant slope: a ramp), the onset and form that explain most of
 the squared deviation from the line upward. For a level jump that is the jump's step (5
-steps early to 3 late on the benchmark); for a ramp, where its climb begins (median 0-2
-steps late, 10 early to 15 late, on the benchmark's ramps of 20-80 steps: the start of a
-slow climb in noise cannot be placed closer). A fall's onset is, over the evals from the
-reference (the best of the window) to the one that confirmed it, the eval where a
-downward step or hinge from a constant level explains most of the squared deviation (a
-sudden fall: the confirming eval; a gradual one: its first lower eval, which one noisy
-eval in the fall does not move). ``confirmed_step`` is the row that opened the episode:
-the online delay. :meth:`OnlineDetector.pending_from` is the earliest step a not yet
-confirmed episode could be placed at, so the engine keeps a checkpoint before it.
+steps early to 3 late on the benchmark); for a ramp, where its climb begins (median 1
+step early to on time, 9 early to 13 late, on the benchmark's ramps of 20-80 steps: the
+start of a slow climb in noise cannot be placed closer). A fall's onset is, over the
+evals from the reference (the best of the window) to the one that confirmed it, the eval
+where a downward step or hinge from a constant level explains most of the squared
+deviation (a sudden fall: the confirming eval; a gradual one: its first lower eval,
+which one noisy eval in the fall does not move). ``confirmed_step`` is the row that
+opened the episode: the online delay. :meth:`OnlineDetector.pending_from` is the
+earliest step a not yet confirmed episode could be placed at, so the engine keeps a
+checkpoint before it.
 
 **Phase starts**: histories reset at a phase change (a new head and a new data stream
 make the past incomparable) and the first ``loss.transient_steps`` (10) steps of a
@@ -799,7 +800,8 @@ def _fall_onset(seg: list):
     where a downward step, or a hinge (a fall that grows by the same amount at each eval
     from ``t`` on, already one unit at ``t``), from a constant level explains most of
     the squared deviation from the mean (least squares); a sudden fall is the confirming
-    eval, a gradual one its first lower eval, one noisy eval in it does not cut it."""
+    eval, a gradual one its first lower eval (on the benchmark's linear falls; an eval
+    that bounces back up in the fall can make the later lower evals look like a step)."""
     n = len(seg)
     ys = [v[3] for v in seg]
     mean_y = sum(ys) / n
