@@ -86,7 +86,7 @@ def test_each_class_found_on_a_clear_stream(cls, family):
 
 @pytest.mark.parametrize("family", bench.FAMILIES_TUNED + bench.FAMILIES_HELD_OUT)
 def test_noise_only_streams_stay_quiet_at_the_documented_rate(family):
-    # detector.json: 0.06-0.14 false alarms per 1,000 train steps over all families and
+    # detector.json: 0.06-0.07 false alarms per 1,000 train steps over all families and
     # noise levels; here 11 noise levels x 2 streams of one family, ~10,000 steps each.
     alarms = steps = 0
     for s in bench.SETS["held_out_families"]["s"]:
@@ -141,8 +141,32 @@ def test_a_ramp_is_one_episode_with_its_onset_near_the_climbs_start():
     e = events[0]
     # Documented: on the benchmark, 10 steps early to about a quarter of the ramp late.
     assert start - 10 <= e["step"] <= start + length // 4
-    assert e["confirmed_step"] - e["step"] >= 10  # it was placed back from its confirmation
+    assert e["confirmed_step"] - e["step"] >= 5  # it was placed back from its confirmation
     assert e["end_step"] == n - 1
+
+
+def test_a_ramp_on_a_steeply_falling_curve_gets_the_onset_where_its_climb_begins():
+    # The loss still falls 0.04 a step (log) when the ramp starts: the line of the
+    # change-point fit takes that fall, so the hinge is where the climb begins.
+    n, start, length = 300, 80, 40
+    t = np.arange(n)
+    log_level = np.where(t < start, 1.0 - 0.04 * t, 1.0 - 0.04 * (start - 1))
+    log_level += np.clip((t - start + 1) / length, 0, 1) * math.log(4.0)
+    noise = 0.1 * np.random.default_rng(8).standard_normal(n)
+    events = dropoff.detect(_train_rows(np.exp(log_level + noise)))
+    assert [e["kind"] for e in events] == ["rise"]
+    assert start - 5 <= events[0]["step"] <= start + length // 4, events[0]
+
+
+def test_a_level_jump_gets_its_step_as_onset_on_noisy_curves():
+    # Onsets within the benchmark's tolerance (5 steps) over seeds, at 2.5x the rule.
+    errors = []
+    for seed in range(6):
+        losses = _flat(300, 0.3, seed=20 + seed)
+        losses[170:] *= math.exp(2.5 * 2 * 0.3)
+        rises = [e for e in dropoff.detect(_train_rows(losses)) if e["kind"] == "rise"]
+        errors.append(rises[0]["step"] - 170 if rises else None)
+    assert all(e is not None and abs(e) <= 5 for e in errors), errors
 
 
 def test_a_rise_that_recovers_ends_and_the_next_is_another_episode():
@@ -417,3 +441,31 @@ def test_median_and_mad_are_numpys(values):
     m = dropoff._median(s)
     want = float(np.median(np.abs(np.asarray(s) - m)))
     assert dropoff._mad(s, m) == pytest.approx(want, rel=1e-12, abs=1e-9)
+
+
+def test_planted_ramps_climb_by_their_size_from_the_level_at_their_onset():
+    # The rule's size is the level's climb; a smooth curve shows it (s = 0.02), also
+    # where the ramp starts on the steep early decay of a phase.
+    for seed in range(12):
+        rows, labels, _ = _stream("ramp", s=0.02, seed=seed)
+        lab = labels[0]
+        loss = {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+        top = min(lab["step"] + lab["length"] - 1, max(loss))
+        if not math.isfinite(loss[top]):  # the run diverged there: the step before
+            top -= 1
+        done = (top - lab["step"] + 1) / lab["length"]
+        before = np.median([math.log(loss[lab["step"] - k]) for k in (1, 2, 3)])
+        after = np.median([math.log(loss[top - k]) for k in (0, 1, 2)])
+        want = lab["size"] * (top - 1 - lab["step"] + 1) / lab["length"]
+        assert after - before >= want - 0.1 and done > 0.9, (seed, lab, after - before)
+
+
+def test_gradual_collapses_start_after_training_began_in_phases_of_few_evals():
+    # Evals every 30 steps leave phases of 6-9 evals: the collapse's first lower eval
+    # is the phase's 3rd or later, and the fall ends before the phase's last eval.
+    for seed in range(16):
+        rows, labels, _ = _stream("collapse_gradual", sigma_e=0.01, seed=seed, every=30)
+        lab = labels[0]
+        evals = [r["step"] for r in rows if r["kind"] == "eval" and r["phase"] == lab["phase"]]
+        k0 = evals.index(lab["step"])
+        assert k0 >= 2 and 3 <= lab["evals"] and k0 + lab["evals"] <= len(evals) - 1, (seed, lab)

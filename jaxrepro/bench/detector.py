@@ -39,13 +39,19 @@ step. Per phase:
 * *shift*: the level jumps and stays (to the end of the phase), by at least
   ``max(log 1.5, 2 s)`` in log space; planted 1.25-2.5x that;
 * *ramp*: the log level climbs linearly over 20-80 steps by at least ``max(log 3,
-  4 s)`` (planted 1-2x that), then stays there, or (a third of them) the run diverges:
-  the last row is a NaN loss (labelled as a *nonfinite* event too);
+  4 s)`` (planted 1-2x that) from its value at the onset (the curve's decay is replaced
+  by the climb, not added to it: added, the steep early decay of a curve cancelled up to
+  all of the climb), then stays there (it decays on from the top at the curve's own
+  rate), or (a third of them) the run diverges: the last row is a NaN loss (labelled
+  as a *nonfinite* event too);
 * *collapse* (sudden or gradual): the eval accuracy level falls from where it was at
   the eval before by at least ``max(0.2, 5 sigma_e)`` and stays down; sudden: at one
   eval, planted 1.25x the rule up to a fall to chance; gradual: linearly over 3-6 evals,
-  planted 1.5x the rule up to chance. Noise-only streams also hold single-eval dips of
-  at most 0.3x the rule;
+  planted 1.5x the rule up to chance. The first lower eval is the 5th eval of the phase
+  or later, with two evals after the fall; in a phase of too few evals for that, the
+  3rd, the fall shortened to end one eval before the phase's last (never from the
+  phase's first eval, before any training). Noise-only streams also hold single-eval
+  dips of at most 0.3x the rule;
 * *nonfinite*: a NaN or Inf loss, or a row with ``finite: false``: once, a burst of
   2-5 rows, or the last row of a run that stops there.
 
@@ -293,8 +299,14 @@ def make_stream(spec: dict) -> tuple[list[dict], list[dict], dict]:
         length = int(rng.integers(20, 81))
         at = int(rng.integers(40, max(41, n - length - 20)))
         size = ramp_rule(s) * rng.uniform(1.0, 2.0)
-        rise = size * np.clip((np.arange(n) - at + 1) / length, 0.0, 1.0)
-        p["level"] += rise
+        # The level climbs by ``size`` from where it was at the onset: the curve's own
+        # decay is replaced during the climb (added to it, a steep early decay would
+        # cancel most of the planted climb), and goes on from the top after it.
+        top = min(at + length - 1, n - 1)
+        lv = p["level"]
+        climb = lv[at - 1] + size * (np.arange(at, top + 1) - at + 1) / length
+        lv[top + 1 :] += climb[-1] - lv[top]
+        lv[at : top + 1] = climb
         p["busy"].append((at - 20, n))
         labels.append(
             {
@@ -317,7 +329,9 @@ def make_stream(spec: dict) -> tuple[list[dict], list[dict], dict]:
         lo = collapse_rule(sigma_e) * (1.25 if grad == 1 else 1.5)
         # After 4 evals, with room for the rule's fall and for 2 evals after the collapse.
         room_ok = [k for k in range(4, k_evals - grad - 1) if p["acc"][k - 1] - CHANCE >= lo + 0.02]
-        k0 = int(rng.choice(room_ok)) if room_ok else min(4, k_evals - grad - 2)
+        k0 = int(rng.choice(room_ok)) if room_ok else max(2, min(4, k_evals - grad - 2))
+        if k0 + grad > k_evals - 1:  # a phase of few evals: a shorter fall, one eval after it
+            grad = k_evals - 1 - k0
         if not room_ok:  # a slow riser: lift its plateau so that the fall fits above chance
             p["acc"] = p["acc"] + (lo + 0.02 - (p["acc"][k0 - 1] - CHANCE))
         # From its level before the collapse (the curve stops rising there), down by
