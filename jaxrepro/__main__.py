@@ -77,7 +77,11 @@ flags.DEFINE_bool(
     "fingerprint "
     "(recorded; bitwise equality is then not expected).",
 )
-flags.DEFINE_string("out", None, "Output directory (audit, study, port, compare, bench).")
+flags.DEFINE_string(
+    "out",
+    None,
+    "Output directory (audit, study, port, compare, bench; replay: the branch's directory).",
+)
 flags.DEFINE_string("vary", None, "study: factors to vary: aug | aug,data | all.")
 flags.DEFINE_string("seeds", None, "study: seeds, e.g. 0-7 or 0,1,5.")
 flags.DEFINE_integer("parallel", 1, "study: runs at once (separate processes).")
@@ -214,6 +218,7 @@ def cmd_replay(argv):
         devices=devices,
         setup=_REPLAY_SETUP.get("record"),
         force=FLAGS.force,
+        out_dir=FLAGS.out,
     )
     from jaxrepro.workdir import shown
 
