@@ -217,7 +217,7 @@ def run_study(
     def on_exit(run, code):
         peak[0] = max(peak[0], disk.usage(out)["checkpoint_bytes"])
         try:
-            pruned.update(disk.prune(out, runs, keep_checkpoints, **keep))
+            disk.merge_pruned(pruned, disk.prune(out, runs, keep_checkpoints, **keep))
         except JaxreproError as e:  # a checkpoint that cannot be listed: keep it, say so
             log.warning("study: checkpoints not pruned after %s: %s", run.name, e)
 
@@ -245,8 +245,8 @@ def run_study(
         env=env,
     )
     peak[0] = max(peak[0], disk.usage(out)["checkpoint_bytes"])
-    pruned.update(disk.prune(out, runs, keep_checkpoints, final=True, **keep))
-    if pruned:
+    disk.merge_pruned(pruned, disk.prune(out, runs, keep_checkpoints, final=True, **keep))
+    if keep_checkpoints != "all":
         summary["pruned_checkpoints"] = pruned
     disk_info.update(peak_bytes=peak[0], end=disk.usage(out))
     disk_info["line"] = disk.summary_line(disk_info)

@@ -53,13 +53,14 @@ def human(n: float) -> str:
 
 def _bytes_key(config) -> str:
     """What a checkpoint's size depends on: the network's shapes and dtype, the datasets'
-    label sets, the image size, and whether the backbone has optimizer state. (Clipping,
-    weight decay and a backbone lr multiplier add no arrays to Adam's.)"""
+    label sets, the image size, and the structure of the fine-tune optimizer's state (a
+    frozen backbone has none; a backbone lr multiplier a second Adam's counters).
+    Clipping and weight decay add no arrays."""
     m, d, ft = config.model, config.data, config.finetune
     return jsonio.dumps(
         [
             m.name, m.stem, m.width, m.dtype, d.image_size, d.source.name, d.target.name,
-            ft.freeze_backbone, ft.new_head, config.init_from,
+            ft.freeze_backbone, ft.backbone_lr_mult == 1.0, ft.new_head, config.init_from,
         ]
     )  # fmt: skip
 
@@ -318,7 +319,7 @@ def prune(
     keeps, and (a baseline with unfinished branches) its fine-tune start. ``final``: the
     study's analysis is done, so (policy ``needed``) its replay's checkpoints go too.
     Unfinished runs are left alone (they resume from theirs). Returns ``{run: {"kept":
-    [...], "deleted": [...]}}`` of the runs it touched.
+    [...], "deleted": [...]}}`` of the finished runs with checkpoints.
     """
     from jaxrepro.checkpoints import Checkpoints, protected_steps
 
@@ -348,8 +349,7 @@ def prune(
             if run.name in bases:
                 keep.add(bases[run.name])
             deleted = ckpts.retain(1, 0, keep)
-            if deleted:
-                result[run.name] = {"kept": ckpts.steps(), "deleted": deleted}
+            result[run.name] = {"kept": ckpts.steps(), "deleted": deleted}
         finally:
             ckpts.close()
     if final and policy == "needed":
@@ -380,3 +380,11 @@ def summary_line(disk: dict) -> str:
         f" (--keep_checkpoints={disk['policy']}); at most {human(disk.get('peak_bytes', 0))} "
         f"of checkpoints seen at once, worst case estimated {human(disk['worst_case_bytes'])}"
     )
+
+
+def merge_pruned(total: dict, new: dict) -> dict:
+    """Adds one :func:`prune`'s result to the study's: the latest kept, every deleted."""
+    for name, entry in new.items():
+        old = total.get(name, {"deleted": []})
+        total[name] = {"kept": entry["kept"], "deleted": sorted(old["deleted"] + entry["deleted"])}
+    return total
