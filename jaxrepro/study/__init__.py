@@ -9,6 +9,13 @@ r"""Seed studies: one run per seed of the varied factor(s), then statistics and 
   leaves it out otherwise, and naming it is refused before anything runs.
 * ``--grid=data.augment.crop.padding=4,3`` (repeatable: the product): every grid point
   runs with every seed, so a study can hold the seeds fixed and vary the config.
+* ``--design=configs/studies/paper.py[:variant]``: named arms, each its own factors, seeds
+  and overrides, the first the baseline; a ``branch`` arm's runs replay the baseline run
+  of the same seeds from the fine-tune start with its overrides (``jaxrepro.study.design``).
+
+Before anything is written the study checks every arm's config and its disk: the worst
+case of its checkpoints against the free space (``jaxrepro.study.disk``); by default
+(``--keep_checkpoints=needed``) finished runs keep only what the study still needs.
 
 Each run is a separate ``jaxrepro train`` process (a local pool of ``--parallel``), into
 ``OUT/runs/NAME``; ``OUT/jobs.txt`` holds one shell command per run, its paths relative
