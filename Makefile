@@ -6,13 +6,15 @@ PY := $(VENV)/bin/python
 EXTRAS ?= test,torch,analysis
 STUDY_OUT ?= runs/digits_aug
 STUDY_FLAGS ?=
+PAPER_OUT ?= results/paper
+PAPER_FLAGS ?=
 # Transparent huge pages for malloc (glibc; ignored elsewhere): XLA:CPU's per-step buffers
 # then cost ~1 k page faults a step instead of ~50-300 k (jaxrepro/plumbing/procenv.py). The CLI
 # sets it for itself; exported here so that pytest's in-process runs have it too.
 GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 export GLIBC_TUNABLES
 
-.PHONY: setup test test-slow study lint
+.PHONY: setup test test-slow study paper lint
 
 setup: $(VENV)/.installed
 
@@ -32,9 +34,17 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
+# The main job: two augmentation recipes (crop padding 4 and 3) x 3 augmentation seeds,
+# the exact replay and the diagnosis of the most severe drop-off (configs/studies/paper.py).
 study: setup
-	$(VENV)/bin/jaxrepro study --config=configs/digits.py --vary=aug --seeds=0-3 \
+	$(VENV)/bin/jaxrepro study --design=configs/studies/paper.py:quick \
 	  --out=$(STUDY_OUT) $(STUDY_FLAGS)
+
+# The paper's whole design (every arm, 8 seeds each). Resumable: run it again after a stop
+# (Ctrl-C, SIGTERM, a lost node) and it goes on where it was; finished runs are skipped.
+paper: setup
+	$(VENV)/bin/jaxrepro study --design=configs/studies/paper.py \
+	  --out=$(PAPER_OUT) $(PAPER_FLAGS)
 
 lint: setup
 	$(PY) -m ruff format --check jaxrepro tests configs

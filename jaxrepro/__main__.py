@@ -9,7 +9,8 @@ r"""The command line: ``jaxrepro COMMAND --flags`` (also ``python -m jaxrepro``)
     jaxrepro audit    --config=... --steps=N [--out=DIR] [--devices=8 | --devices=2,8]
                       (twice straight, once SIGKILLed half way and resumed: bitwise?)
     jaxrepro study    --config=... --vary=aug --seeds=0-7 --out=DIR [--grid=k=v1,v2]
-                      [--parallel=N] [--keep_checkpoints=all|dropoffs]
+                      [--parallel=N] [--keep_checkpoints=needed|dropoffs|all]
+    jaxrepro study    --design=FILE[:variant] --out=DIR [--arms=a,b] [--config=...]
     jaxrepro port     --arch=resnet50 --torch=FILE --out=DIR
     jaxrepro torch_train --config=... --workdir=DIR   (the PyTorch reference run)
     jaxrepro compare  --jax=RUN_OR_STUDY --torch=PATH --out=DIR
@@ -48,7 +49,14 @@ flags.DEFINE_string(
 flags.DEFINE_string(
     "arms",
     None,
-    "diagnose: the arms, e.g. exact,aug:4,order:2,skip,lr:0.5,clip:1.0 (the default).",
+    "diagnose: the arms, e.g. exact,aug:4,order:2,skip,lr:0.5,clip:1.0 (the default); "
+    "study: only these arms of the --design file, e.g. pad4,lr_half.",
+)
+flags.DEFINE_string(
+    "design",
+    None,
+    "study: a design file FILE[:variant] (e.g. configs/studies/paper.py:quick): named arms, "
+    "each its factors, seeds and config overrides; instead of --vary/--seeds/--grid.",
 )
 flags.DEFINE_integer(
     "after", None, "diagnose: steps after the onset each arm runs (default diagnose.after)."
@@ -77,7 +85,11 @@ flags.DEFINE_bool(
     "fingerprint "
     "(recorded; bitwise equality is then not expected).",
 )
-flags.DEFINE_string("out", None, "Output directory (audit, study, port, compare, bench).")
+flags.DEFINE_string(
+    "out",
+    None,
+    "Output directory (audit, study, port, compare, bench; replay: the branch's directory).",
+)
 flags.DEFINE_string("vary", None, "study: factors to vary: aug | aug,data | all.")
 flags.DEFINE_string("seeds", None, "study: seeds, e.g. 0-7 or 0,1,5.")
 flags.DEFINE_integer("parallel", 1, "study: runs at once (separate processes).")
@@ -104,10 +116,11 @@ flags.DEFINE_integer(
 flags.DEFINE_bool("jobs_only", False, "study: write the job list for a cluster, run nothing.")
 flags.DEFINE_enum(
     "keep_checkpoints",
-    "all",
-    ["all", "dropoffs"],
-    "study: after the analysis keep every run's checkpoints (all), or only the last one and "
-    "the one before each recorded drop-off (dropoffs: every drop-off stays replayable).",
+    "needed",
+    ["needed", "dropoffs", "all"],
+    "study: which checkpoints finished runs keep: needed (their last one, and those the "
+    "study's replay, diagnoses and branches still need, until done), dropoffs (the last "
+    "and the one before each drop-off: every drop-off stays replayable), or all.",
 )
 flags.DEFINE_bool("watch", False, "status: refresh until every run has ended (Ctrl-C stops).")
 flags.DEFINE_float("interval", 5.0, "status --watch: seconds between refreshes.")
@@ -214,6 +227,7 @@ def cmd_replay(argv):
         devices=devices,
         setup=_REPLAY_SETUP.get("record"),
         force=FLAGS.force,
+        out_dir=FLAGS.out,
     )
     from jaxrepro.workdir import shown
 
@@ -304,7 +318,8 @@ def _print_devices(r: dict) -> None:
 def cmd_study(argv):
     from jaxrepro import study
 
-    return study.main_from_flags(FLAGS, _config())
+    config = _CONFIG.value if FLAGS.design else _config()  # a design names its own
+    return study.main_from_flags(FLAGS, config)
 
 
 @command

@@ -41,6 +41,7 @@ ADDED_FIELDS = {
     "data.jpeg_draft": False,
     "finetune.schedule": None,
     "finetune.warmup_steps": None,
+    "checkpoint.keep_phase_starts": False,
 }
 
 
@@ -242,6 +243,9 @@ def validate(config) -> None:
     _positive_int(config, "checkpoint.every", allow_zero=True)
     _positive_int(config, "checkpoint.keep_last")
     _positive_int(config, "checkpoint.keep_every", allow_zero=True)
+    _check_type(
+        _require(config, "checkpoint.keep_phase_starts"), bool, "checkpoint.keep_phase_starts"
+    )
     _validate_dropoff(config)
     _validate_parallel(config)
     _number(config, "runtime.progress_every_s", lo=0, lo_open=True)
@@ -459,6 +463,9 @@ def base() -> ml_collections.ConfigDict:
     c.checkpoint.every = 50  # steps; 0: only at phase boundaries and the end
     c.checkpoint.keep_last = 3
     c.checkpoint.keep_every = 0  # also keep every k-th step for good (0: none)
+    # Also keep the checkpoint at the start of each phase after the first (the fine-tune
+    # start): a study's remedy arms branch from it (jaxrepro.study).
+    c.checkpoint.keep_phase_starts = False
 
     from jaxrepro import dropoff
 

@@ -112,8 +112,12 @@ def replay(
     devices: int | None = None,
     setup: dict | None = None,
     force: bool = False,
+    out_dir: str | None = None,
 ) -> dict:
     """Branches ``run_dir`` from a checkpoint and compares the branch with the original.
+
+    ``out_dir``: the branch's directory (default ``RUN/replays/NAME``); a study puts its
+    remedy arms' branches beside its other runs.
 
     ``devices`` runs the replay on a mesh of that many devices instead of the run's: in
     device-count-invariant mode (``determinism.device_invariant``) an exact replay is
@@ -154,13 +158,13 @@ def replay(
         if devices is not None:
             parts.append(f"dev{devices}")
         name = ("exact_" if exact else "cf_") + _slug("_".join(parts))
-    out = os.path.join(ws.path, "replays", name)
+    out = os.path.abspath(out_dir) if out_dir else os.path.join(ws.path, "replays", name)
     origin = loop.Origin(
         checkpoint_dir=ws.checkpoint_dir,
         step=start,
         until=p["until"],
         skip_batches=int(skip_batches),
-        # The run, seen from the branch (always RUN/replays/NAME): no machine's path.
+        # The run, seen from the branch: a relative path, no machine's path.
         info={
             "run": os.path.relpath(ws.path, out),
             "dropoff": dropoff,
@@ -168,6 +172,7 @@ def replay(
             "platform_check": platform_check,
         },
         history=tuple(r for r in ws.metrics() if r["step"] < start),
+        config=ws.stored_config(),
     )
     info = loop.run(config, out, origin=origin)
     # Every row of the original from the restore step to the replay's end must come back

@@ -7,12 +7,12 @@
     r.runs      # one row per run: its state, steps, hashes, wall time, drop-off count
     r.incomplete  # run -> why it is not in the frames (not started, running, failed, ...)
 
-``arm`` is the run's grid point (``base`` without ``--grid``); ``seed_<factor>`` the
-resolved seed of every factor. Only finished runs (done or diverged) are in ``metrics``
-and ``events`` unless ``partial=True``, which adds the complete rows of runs still going
-(a torn last line of a killed run is dropped). A run whose files cannot be read is named
-in ``incomplete`` with the reason, never an exception. Needs pandas (the ``analysis``
-extra: ``pip install 'jaxrepro[analysis]'``).
+``arm`` is the run's grid point (``base`` without ``--grid``) or its arm of a design file;
+``seed_<factor>`` the resolved seed of every factor. Only finished runs (done or diverged)
+are in ``metrics`` and ``events`` unless ``partial=True``, which adds the complete rows of
+runs still going (a torn last line of a killed run is dropped). A run whose files cannot
+be read is named in ``incomplete`` with the reason, never an exception. Needs pandas (the
+``analysis`` extra: ``pip install 'jaxrepro[analysis]'``).
 """
 
 from __future__ import annotations
@@ -53,21 +53,12 @@ def _pandas():
 
 def _study_runs(path: str) -> list[tuple[str, str]]:
     """(name, arm) of each planned run of a study, in plan order."""
-    from jaxrepro import config as config_lib
     from jaxrepro.study import plan
 
     try:
-        study = jsonio.read_json(os.path.join(path, plan.STUDY_FILE))
-        spec = plan.Spec(
-            factors=tuple(study["spec"]["vary"]),
-            design=study["spec"]["design"],
-            seeds=tuple(study["spec"]["seeds"]),
-            grid=tuple((k, tuple(v)) for k, v in study["spec"]["grid"]),
-        )
-        runs = plan.plan_runs(config_lib.from_dict(study["config"]), spec)
+        return plan.planned_runs(jsonio.read_json(os.path.join(path, plan.STUDY_FILE)))
     except (OSError, ValueError, KeyError, TypeError, JaxreproError) as e:
         raise ResultsError(f"{os.path.join(path, plan.STUDY_FILE)} is unreadable: {e}") from e
-    return [(r.name, r.point) for r in runs]
 
 
 def load(path: str, *, partial: bool = False) -> Results:

@@ -426,6 +426,7 @@ def real_study(data_dir, tmp_path_factory):
             "--vary=aug",
             "--seeds=0-2",
             f"--out={out}",
+            "--keep_checkpoints=all",  # the tests below replay from them
         ],
         cwd=REPO,
         env=dict(os.environ, JAX_PLATFORMS="cpu", **env),
@@ -443,7 +444,9 @@ def real_study(data_dir, tmp_path_factory):
     proc.stderr.close()
     at_kill = {n: _status(out, n) for n in ("aug0", "aug1", "aug2")}
     first = snapshot(os.path.join(out, "runs", "aug0"))
-    summary = study.run_study(_config(data_dir), out, vary="aug", seeds="0-2", parallel=2, env=env)
+    summary = study.run_study(
+        _config(data_dir), out, vary="aug", seeds="0-2", parallel=2, env=env, keep_checkpoints="all"
+    )
     return out, summary, at_kill, first, env
 
 
@@ -581,7 +584,9 @@ def test_results_load_of_a_half_written_study(real_study, tmp_path):
 
 def test_rerun_of_a_finished_study_runs_nothing(real_study, data_dir):
     out, _, _, _, env = real_study
-    summary = study.run_study(_config(data_dir), out, vary="aug", seeds="0-2", env=env)
+    summary = study.run_study(
+        _config(data_dir), out, vary="aug", seeds="0-2", env=env, keep_checkpoints="all"
+    )
     assert summary["sessions"][-1]["launched"] == []
     assert summary["replay"]["bitwise_equal"]
 
@@ -604,7 +609,13 @@ def test_study_whose_replay_is_not_bitwise_exits_non_zero(
     jsonio.write_jsonl(os.path.join(workdir, "metrics.jsonl"), rows)
     monkeypatch.setenv("JAXREPRO_COMPILE_CACHE_DIR", env["JAXREPRO_COMPILE_CACHE_DIR"])
     flags = types.SimpleNamespace(
-        out=copy, vary="aug", seeds="0-2", grid=[], parallel=1, jobs_only=False
+        out=copy,
+        vary="aug",
+        seeds="0-2",
+        grid=[],
+        parallel=1,
+        jobs_only=False,
+        keep_checkpoints="all",
     )
     assert study.main_from_flags(flags, _config(data_dir)) == 1
     err = capsys.readouterr().err

@@ -350,7 +350,11 @@ def _stat_cells(s: dict, fmt) -> str:
 
 def _what_was_run(summary: dict) -> list[str]:
     st, env = summary["study"], summary.get("environment", {})
-    design = {"oat": "one factor at a time, the others held fixed", "grid": "full grid of seeds"}
+    design = {
+        "oat": "one factor at a time, the others held fixed",
+        "grid": "full grid of seeds",
+        "arms": f"the arms of {st.get('source')}, the first the baseline",
+    }
     if len(st["vary"]) == 1:
         design["oat"] = "one run per seed, the other factors held fixed"
     lines = ["## What was run", ""]
@@ -363,6 +367,17 @@ def _what_was_run(summary: dict) -> list[str]:
     ]
     for key, values in st["grid"]:
         lines.append(f"- config grid: `{key}` in {', '.join(values)} (every seed at every value)")
+    for arm in st.get("arms", []):
+        changes = ", ".join(f"`{k}`={v}" for k, v in arm["overrides"]) or "the base config"
+        how = (
+            f"a branch of the baseline run of the same seeds from its {arm['branch']} start"
+            if arm["branch"]
+            else "full runs"
+        )
+        lines.append(
+            f"- arm **{arm['name']}**: {', '.join(arm['vary'])} seeds "
+            f"{', '.join(map(str, arm['seeds']))}; {changes}; {how}"
+        )
     digest = summary["config"]
     lines.append(
         f"- config: [{digest['file']}]({digest['file']}) (complete, overrides included); "

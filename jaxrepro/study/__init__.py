@@ -9,6 +9,13 @@ r"""Seed studies: one run per seed of the varied factor(s), then statistics and 
   leaves it out otherwise, and naming it is refused before anything runs.
 * ``--grid=data.augment.crop.padding=4,3`` (repeatable: the product): every grid point
   runs with every seed, so a study can hold the seeds fixed and vary the config.
+* ``--design=configs/studies/paper.py[:variant]``: named arms, each its own factors, seeds
+  and overrides, the first the baseline; a ``branch`` arm's runs replay the baseline run
+  of the same seeds from the fine-tune start with its overrides (``jaxrepro.study.design``).
+
+Before anything is written the study checks every arm's config and its disk: the worst
+case of its checkpoints against the free space (``jaxrepro.study.disk``); by default
+(``--keep_checkpoints=needed``) finished runs keep only what the study still needs.
 
 Each run is a separate ``jaxrepro train`` process (a local pool of ``--parallel``), into
 ``OUT/runs/NAME``; ``OUT/jobs.txt`` holds one shell command per run, its paths relative
@@ -31,9 +38,11 @@ import sys
 import time
 
 from jaxrepro import config as config_lib
-from jaxrepro.errors import ConfigError
+from jaxrepro.errors import ConfigError, JaxreproError
 from jaxrepro.plumbing import jsonio
 from jaxrepro.report import report as report_lib
+from jaxrepro.study import design as design_lib
+from jaxrepro.study import disk
 from jaxrepro.study.analysis import analyze, largest_event, replay_failure, severity
 from jaxrepro.study.plan import (
     FINISHED,
@@ -52,7 +61,7 @@ from jaxrepro.study.plan import (
     run_status,
     write_jobs,
 )
-from jaxrepro.study.pool import StudyInterrupted, run_pool
+from jaxrepro.study.pool import WAIT, StudyInterrupted, run_pool
 
 __all__ = [
     "FINISHED",
@@ -79,7 +88,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("jaxrepro")
-KEEP_CHECKPOINTS = ("all", "dropoffs")
+KEEP_CHECKPOINTS = disk.POLICIES
 _ANALYSIS_ONLY = ("study", "report", "__pycache__")
 
 
@@ -113,15 +122,17 @@ def run_study(
     config,
     out: str,
     *,
-    vary,
-    seeds,
+    vary=None,
+    seeds=None,
     grid=(),
+    design=None,
+    arms=None,
     parallel: int = 1,
     jobs_only: bool = False,
     replay: bool = True,
     replay_metric: str | None = None,
     diagnose: int = 1,
-    keep_checkpoints: str = "all",
+    keep_checkpoints: str = "needed",
     window: int = 5,
     k_last: int = 3,
     n_boot: int = 2000,
@@ -133,20 +144,23 @@ def run_study(
     """Runs (or resumes) a seed study into ``out``; returns the summary (also summary.json).
 
     Args:
-        config: the base config (a locked ConfigDict, the user's overrides applied).
+        config: the base config (a locked ConfigDict, the user's overrides applied); with
+            ``design``, None takes the design file's.
         out: the study's directory.
         vary: ``aug`` | ``aug,data`` | ``all`` | ``aug*data``.
         seeds: ``0-7`` | ``0,1,5`` (or a list of ints).
         grid: ``["dotted.key=v1,v2", ...]``; every grid point runs every seed.
+        design: a design file ``FILE[:variant]`` (jaxrepro.study.design) instead of
+            ``vary``/``seeds``/``grid``: its arms, the first the baseline.
+        arms: only these arms of the design (``a,b`` or a list).
         parallel: runs at once (separate processes).
         jobs_only: write OUT/jobs.txt and study.json and run nothing.
         replay: exactly replay the largest drop-off after the runs.
         replay_metric: only consider drop-offs whose metric starts with this (e.g. 'loss').
         diagnose: diagnose this many of the most severe drop-offs (jaxrepro.diagnose, the
             default arms); 0: none.
-        keep_checkpoints: ``all``, or ``dropoffs``: after the analysis (and the replay),
-            delete each finished run's checkpoints but its last one and the one before
-            each of its drop-offs.
+        keep_checkpoints: ``needed`` (the default), ``dropoffs`` or ``all``
+            (jaxrepro.study.disk): which checkpoints finished runs keep.
         window: steps within which drop-offs of different runs are one event.
         k_last: final metrics also as the mean of the last ``k_last`` evals.
         n_boot: bootstrap resamples.
@@ -155,27 +169,37 @@ def run_study(
         env: extra environment variables of the runs.
         force: go on although finished runs were recorded on another platform fingerprint.
 
+    Everything the arguments name is checked before anything is written: the design,
+    every arm's or grid point's config, and the free disk space against the worst case.
+
     Returns:
         The summary dict; with ``jobs_only``, ``{"jobs": path, "runs": [...]}``.
     """
     t0, started = time.time(), datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     if not isinstance(parallel, int) or parallel < 1:
         raise ConfigError(f"--parallel must be an integer >= 1, got {parallel!r}")
-    if keep_checkpoints not in KEEP_CHECKPOINTS:
+    if keep_checkpoints not in disk.POLICIES:
         raise ConfigError(
-            f"--keep_checkpoints={keep_checkpoints!r}: "
-            f"expected one of {', '.join(KEEP_CHECKPOINTS)}"
+            f"--keep_checkpoints={keep_checkpoints!r}: expected one of {', '.join(disk.POLICIES)}"
         )
     if not out:
         raise ConfigError("--out is required: the study's directory")
     out = os.path.abspath(out)
-    config_lib.validate(config)
-    spec = make_spec(vary, seeds, grid, config)
-    runs = plan_runs(config, spec)
+    config, spec, runs = _plan(config, vary, seeds, grid, design, arms)
+    shapes = {}
+    if not jobs_only:  # the worst case, before anything is written
+        cache = {}
+        shapes = {r.name: disk.run_shape(_run_config(config, r, runs), cache) for r in runs}
+        estimate = disk.worst_case(
+            runs, shapes, keep_checkpoints, parallel, diagnose=diagnose, replay=replay
+        )
+        disk_info = disk.check_free(out, estimate)
     prepare_out(config, spec, runs, out)
     jobs = write_jobs(out, runs, python)
     if jobs_only:
         log.info("study: %d jobs written to %s; nothing run", len(runs), jobs)
+        if any(r.branch for r in runs):
+            log.info("study: a branch's line needs its baseline run finished first")
         return {"jobs": jobs, "runs": [r.name for r in runs]}
     todo = [r for r in runs if run_status(out, r) not in FINISHED]
     mixed = _platform_check(config, out, [r for r in runs if r not in todo], force)
@@ -193,8 +217,21 @@ def run_study(
         len(runs) - len(todo),
         len(todo),
     )
+    keep = dict(diagnose=diagnose, replay=replay, replay_metric=replay_metric)
+    peak = [disk.usage(out)["checkpoint_bytes"]]
+    pruned = {}
+
+    def on_exit(run, code):
+        peak[0] = max(peak[0], disk.usage(out)["checkpoint_bytes"])
+        try:
+            disk.merge_pruned(pruned, disk.prune(out, runs, keep_checkpoints, **keep))
+        except JaxreproError as e:  # a checkpoint that cannot be listed: keep it, say so
+            log.warning("study: checkpoints not pruned after %s: %s", run.name, e)
+
     try:
-        codes = run_pool(out, todo, parallel, python, env)
+        codes = run_pool(
+            out, todo, parallel, python, env, ready=_branch_ready(out, runs), on_exit=on_exit
+        )
     except BaseException:
         _session(out, dict(session, interrupted=True, wall_s=round(time.time() - t0, 1)))
         raise
@@ -214,8 +251,15 @@ def run_study(
         python=python,
         env=env,
     )
-    if keep_checkpoints == "dropoffs":
-        summary["pruned_checkpoints"] = prune_checkpoints(out, runs)
+    peak[0] = max(peak[0], disk.usage(out)["checkpoint_bytes"])
+    disk.merge_pruned(pruned, disk.prune(out, runs, keep_checkpoints, final=True, **keep))
+    if keep_checkpoints != "all":
+        summary["pruned_checkpoints"] = pruned
+    disk_info.update(peak_bytes=peak[0], end=disk.usage(out))
+    disk_info["line"] = disk.summary_line(disk_info)
+    summary["disk"] = disk_info
+    if spec.design == "arms":
+        summary["arms"] = _arms_summary(spec, runs)
     end = dict(session, code_at_end=source_hash(), wall_s=round(time.time() - t0, 1))
     sessions = _session(out, end)
     summary["sessions"] = sessions
@@ -229,31 +273,87 @@ def run_study(
     return summary
 
 
-def prune_checkpoints(out: str, runs) -> dict:
-    """Each finished run keeps its last checkpoint and the one before each drop-off.
+def _plan(config, vary, seeds, grid, design, arms):
+    """(base config, spec, runs) of the arguments, every config checked; nothing written."""
+    if design is not None:
+        given = [n for n, v in (("--vary", vary), ("--seeds", seeds), ("--grid", grid)) if v]
+        if given:
+            raise ConfigError(
+                f"--design names its arms' factors, seeds and overrides: drop {', '.join(given)}"
+            )
+        d = design_lib.select(design_lib.load(design), arms)
+        config = design_lib.base_config(d, config)
+        return config, design_lib.spec_of(d), design_lib.plan_design(config, d)
+    if arms:
+        raise ConfigError("--arms selects arms of a --design file; this study has none")
+    if config is None:
+        raise ConfigError("--config is required (or --design=FILE)")
+    config_lib.validate(config)
+    spec = make_spec(vary, seeds, grid, config)
+    return config, spec, plan_runs(config, spec)
 
-    Returns ``{run: {"kept": [...], "deleted": [...]}}``; runs that did not finish, or
-    have no checkpoints, are left alone.
-    """
-    from jaxrepro import dropoff as dropoff_lib
-    from jaxrepro.checkpoints import Checkpoints, protected_steps
 
-    result = {}
-    for run in runs:
-        workdir = os.path.join(out, "runs", run.name)
-        ckpt_dir = os.path.join(workdir, "checkpoints")
-        if run_status(out, run) not in FINISHED or not os.path.isdir(ckpt_dir):
-            continue
-        events = [e["step"] for e in dropoff_lib.load_dropoffs(workdir)]
-        ckpts = Checkpoints(ckpt_dir)
-        try:
-            deleted = ckpts.retain(1, 0, protected_steps(ckpts.steps(), events))
-            result[run.name] = {"kept": ckpts.steps(), "deleted": deleted}
-        finally:
-            ckpts.close()
-    total = sum(len(r["deleted"]) for r in result.values())
-    log.info("study: deleted %d checkpoints, kept those before drop-offs and the last", total)
-    return result
+def _run_config(config, run: Run, runs: list[Run]):
+    """The config one run trains with (a branch: its baseline's with its overrides)."""
+    cfg = copy_config(config)
+    if run.branch is not None:
+        base = next(r for r in runs if r.name == run.branch["run"])
+        for k, v in base.overrides:
+            config_lib.apply_override(cfg, k, v)
+    for k, v in run.overrides:
+        config_lib.apply_override(cfg, k, v)
+    return cfg
+
+
+def _branch_ready(out: str, runs: list[Run]):
+    """The pool's test of a run: None (start it), WAIT, or why it cannot run."""
+    by_name = {r.name: r for r in runs}
+
+    def ready(run: Run, busy) -> str | None:
+        if run.branch is None:
+            return None
+        base = run.branch["run"]
+        if base in busy:
+            return WAIT
+        status = run_status(out, by_name[base])
+        if status not in FINISHED:
+            return f"its baseline run {base} has not finished ({status or 'not started'})"
+        info = jsonio.read_json(os.path.join(out, "runs", base, "run.json"))
+        start = (info.get("phases") or {}).get("finetune", {}).get("start")
+        step = run.branch["from_step"]
+        if start != step:
+            return f"{base} starts fine-tuning at step {start}, not at the planned {step}"
+        from jaxrepro.checkpoints import Checkpoints
+
+        ckpt_dir = os.path.join(out, "runs", base, "checkpoints")
+        steps = Checkpoints(ckpt_dir, read_only=True).steps() if os.path.isdir(ckpt_dir) else []
+        if step not in steps:
+            return (
+                f"{base} has no checkpoint at its fine-tune start (step {step}; it has "
+                f"{steps}): it was run without checkpoint.keep_phase_starts"
+            )
+        return None
+
+    return ready
+
+
+def _arms_summary(spec, runs: list[Run]) -> list[dict]:
+    """Each arm: its definition and runs (a branch arm: which baseline run and checkpoint
+    each of its runs branched from)."""
+    out = []
+    for arm in spec.arms:
+        mine = [r for r in runs if r.arm == arm["name"]]
+        entry = dict(arm, runs=[r.name for r in mine], baseline=arm is spec.arms[0])
+        if arm["branch"]:
+            entry["branched_from"] = {r.name: r.branch for r in mine}
+        out.append(entry)
+    return out
+
+
+def prune_checkpoints(out: str, runs, policy: str = "dropoffs", **keep) -> dict:
+    """Deletes the checkpoints of ``runs`` that ``policy`` (jaxrepro.study.disk) does not
+    keep; returns ``{run: {"kept": [...], "deleted": [...]}}`` of the runs it touched."""
+    return disk.prune(out, runs, policy, **keep)
 
 
 def _command_line() -> str:
@@ -310,11 +410,13 @@ def main_from_flags(flags, config) -> int:
         vary=flags.vary,
         seeds=flags.seeds,
         grid=flags.grid,
+        design=getattr(flags, "design", None),
+        arms=getattr(flags, "arms", None),
         parallel=flags.parallel,
         jobs_only=flags.jobs_only,
         replay=getattr(flags, "study_replay", True),
         diagnose=getattr(flags, "study_diagnose", 1),
-        keep_checkpoints=getattr(flags, "keep_checkpoints", "all"),
+        keep_checkpoints=getattr(flags, "keep_checkpoints", "needed"),
         command=_command_line(),
         force=getattr(flags, "force", False),
     )
@@ -325,6 +427,7 @@ def main_from_flags(flags, config) -> int:
     missing = summary["missing_runs"]
     print(f"{len(summary['runs'])} runs finished, {len(missing)} not: {', '.join(missing) or '-'}")
     print(f"report: {os.path.join(out, 'report.md')}  summary: {os.path.join(out, 'summary.json')}")
+    print(summary["disk"]["line"])
     failure = replay_failure(summary["replay"])
     if failure:
         print(f"error: {failure}", file=sys.stderr)

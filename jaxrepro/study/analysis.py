@@ -30,6 +30,8 @@ def _load(out: str, run: Run, k_last: int) -> dict:
     return {
         "run": run.name,
         "point": run.point,
+        "arm": run.arm,
+        "branch": run.branch,
         "varied_seeds": run.seeds,
         "seeds": info["seeds"],
         "status": info["status"],
@@ -45,6 +47,7 @@ def _batch_ids(record: dict, phase: str, step: int, cache: dict) -> list[int]:
     from jaxrepro.train.setup import RunSetup
 
     config = jsonio.read_json(os.path.join(record["workdir"], "config.json"))
+    config.pop("replay", None)  # a branch's origin: its batches are its config's
     # The order depends on the data seed and the config, not on the other seeds: runs that
     # share those share one run setup.
     rest = {k: v for k, v in config.items() if k not in ("seed", "seeds")}
@@ -272,13 +275,28 @@ def analyze(
         "arms": report_lib.arm_statistics(records),
         "figures": report_lib.draw_figures(out, by_point, k_last),
     }
+    full = replayable(records)
     summary["replay"] = (
-        replay_largest(out, records, replay_metric, python, env)
+        replay_largest(out, full, replay_metric, python, env)
         if replay
         else {"skipped": "replay disabled"}
     )
-    summary["diagnoses"] = diagnose_most_severe(out, records, diagnose, python, env)
+    summary["diagnoses"] = diagnose_most_severe(out, full, diagnose, python, env)
     return summary
+
+
+def most_severe(records: list[dict], budget: int) -> list[tuple]:
+    """(severity, record, index, event) of the ``budget`` most severe drop-offs (ties: by
+    run name, then index). Adding records can only push an event out of this list, never
+    bring one back: a study frees the checkpoints of events that fell out as it goes."""
+    events = [(severity(e), r, i, e) for r in records for i, e in enumerate(r["events"])]
+    return sorted(events, key=lambda t: (-t[0], t[1]["run"], t[2]))[: max(budget, 0)]
+
+
+def replayable(records: list[dict]) -> list[dict]:
+    """The records whose drop-offs the study replays and diagnoses: full runs (a branch's
+    checkpoints start at its branch point, and its config is its baseline's)."""
+    return [r for r in records if not r.get("branch")]
 
 
 def diagnose_most_severe(out: str, records: list[dict], budget: int, python=None, env=None):
@@ -293,7 +311,7 @@ def diagnose_most_severe(out: str, records: list[dict], budget: int, python=None
         return dict(base, skipped="diagnosis disabled")
     if not events:
         return dict(base, skipped="no drop-off was detected in any run")
-    chosen = sorted(events, key=lambda t: (-t[0], t[1]["run"], t[2]))[:budget]
+    chosen = most_severe(records, budget)
     for sev, r, i, e in chosen:
         where = os.path.join(r["workdir"], engine.DIR, engine.event_name(i, e))
         path = os.path.join(where, "diagnosis.json")

@@ -1,6 +1,8 @@
 """A study's plan: parsing --vary/--seeds/--grid, the runs, the OUT directory, the jobs.
 
-OUT/study.json     what the study varies and its base config (its identity)
+(A design file's arms are planned by ``jaxrepro.study.design`` into the same runs.)
+
+OUT/study.json     what the study varies, its base config (its identity) and its runs
 OUT/study_config.* the base config, every override included, for the runs' --config
 OUT/jobs.txt       one shell command per run, its paths relative to OUT (run it from OUT)
 OUT/runs/NAME/     each run's workdir; OUT/logs/NAME.txt its output
@@ -50,17 +52,24 @@ class Spec:
     """What a study varies: factors, their design, the seeds, and a config grid."""
 
     factors: tuple[str, ...]
-    design: str  # 'oat' (one factor at a time) | 'grid' (every combination)
+    design: str  # 'oat' (one factor at a time) | 'grid' (every combination) | 'arms'
     seeds: tuple[int, ...]
     grid: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # design 'arms' (a design file, jaxrepro.study.design): each arm's to_dict(), the
+    # first the baseline; factors and seeds are then the union of the arms'.
+    arms: tuple[dict, ...] = ()
+    source: str | None = None  # the design file argument
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "vary": list(self.factors),
             "design": self.design,
             "seeds": list(self.seeds),
             "grid": [[k, list(v)] for k, v in self.grid],
         }
+        if self.arms:
+            out.update(arms=list(self.arms), baseline=self.arms[0]["name"], source=self.source)
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +77,23 @@ class Run:
     """One run of a study: its directory name, grid point, seeds and overrides."""
 
     name: str
-    point: str
+    point: str  # the grid point, or the arm of a design
     seeds: dict  # varied factor -> seed
     overrides: tuple[tuple[str, str], ...]  # (dotted key, value text), grid first
+    arm: str = "base"  # the group the report compares: the grid point or the design's arm
+    # A branch (a design's remedy arm): {"run": its baseline run, "from_step": the
+    # checkpoint it restores (the fine-tune start), "at": "finetune"}; its overrides are
+    # applied there (jaxrepro replay --override). None: a full run.
+    branch: dict | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "arm": self.arm,
+            "seeds": dict(self.seeds),
+            "overrides": [[k, v] for k, v in self.overrides],
+            "branch": self.branch,
+        }
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -243,7 +266,7 @@ def plan_runs(config, spec: Spec) -> list[Run]:
             label = "-".join(f"{f}{combo[f]}" for f in spec.factors)
             name = label if not spec.grid else f"{_slug(point)}_{label}"
             seed_overrides = tuple((f"seeds.{f}", str(s)) for f, s in combo.items())
-            runs.append(Run(name, point, combo, point_overrides + seed_overrides))
+            runs.append(Run(name, point, combo, point_overrides + seed_overrides, arm=point))
     return runs
 
 
@@ -253,10 +276,12 @@ def plan_runs(config, spec: Spec) -> list[Run]:
 def _check_same_study(out: str, stored: dict, current: dict) -> None:
     differing = [
         k
-        for k in ("vary", "design", "seeds", "grid")
-        if stored["spec"].get(k) != current["spec"][k]
+        for k in ("vary", "design", "seeds", "grid", "arms")
+        if stored["spec"].get(k) != current["spec"].get(k)
     ]
-    shown = [f"{k} ({stored['spec'].get(k)} there, {current['spec'][k]} here)" for k in differing]
+    shown = [
+        f"{k} ({stored['spec'].get(k)} there, {current['spec'].get(k)} here)" for k in differing
+    ]
     fields = config_lib.diff(stored["config"], current["config"], ignore=_RESTART_IGNORED)
     shown += [f"config field {f}" for f in fields[:20]]
     if shown:
@@ -278,6 +303,7 @@ def prepare_out(config, spec: Spec, runs: list[Run], out: str) -> bool:
         "spec": spec.to_dict(),
         "config": config_lib.to_dict(config),
         "runs": [r.name for r in runs],
+        "plan": [r.to_dict() for r in runs],
     }
     path = os.path.join(out, STUDY_FILE)
     restart = os.path.exists(path)
@@ -309,6 +335,18 @@ def job_argv(out: str, run: Run, python: str | None = None, base: str | None = N
     def path(p):
         return p if base is None else os.path.relpath(p, base)
 
+    if run.branch is not None:  # a replay of its baseline run from the fine-tune start
+        return [
+            path(os.path.abspath(python or sys.executable)),
+            "-m",
+            "jaxrepro",
+            "replay",
+            f"--workdir={path(os.path.join(out, 'runs', run.branch['run']))}",
+            f"--from_step={run.branch['from_step']}",
+            f"--name={run.name}",
+            f"--out={path(os.path.join(out, 'runs', run.name))}",
+            *(f"--override={k}={v}" for k, v in run.overrides),
+        ]
     return [
         path(os.path.abspath(python or sys.executable)),
         "-m",
@@ -340,6 +378,19 @@ def write_jobs(out: str, runs: list[Run], python: str | None = None) -> str:
             log = shlex.quote(os.path.relpath(log_path(out, r), out))
             f.write(f"{argv} >> {log} 2>&1\n")
     return path
+
+
+def planned_runs(study: dict) -> list[tuple[str, str]]:
+    """(name, arm) of each run of a stored study.json, in plan order."""
+    if "plan" in study:
+        return [(r["name"], r["arm"]) for r in study["plan"]]
+    spec = Spec(  # written before study.json held its plan: plan it again
+        factors=tuple(study["spec"]["vary"]),
+        design=study["spec"]["design"],
+        seeds=tuple(study["spec"]["seeds"]),
+        grid=tuple((k, tuple(v)) for k, v in study["spec"]["grid"]),
+    )
+    return [(r.name, r.arm) for r in plan_runs(config_lib.from_dict(study["config"]), spec)]
 
 
 def run_status(out: str, run: Run) -> str | None:

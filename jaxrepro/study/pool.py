@@ -1,6 +1,7 @@
 """The local pool: each run a separate ``jaxrepro train`` process, N at a time.
 
-A run's output goes to OUT/logs/NAME.txt. SIGTERM to the study (a cluster's preemption)
+A run's output goes to OUT/logs/NAME.txt. A branch (a design's remedy arm) starts once
+its baseline run has ended. SIGTERM to the study (a cluster's preemption)
 is passed on to the runs, which checkpoint and exit; rerunning the study resumes them.
 """
 
@@ -17,6 +18,7 @@ from jaxrepro.plumbing.sigterm import SigtermFlag
 from jaxrepro.study.plan import Run, job_argv, log_path
 
 log = logging.getLogger("jaxrepro")
+WAIT = "wait"  # ready()'s answer for a run whose baseline run is still going
 
 
 class StudyInterrupted(JaxreproError):
@@ -25,10 +27,10 @@ class StudyInterrupted(JaxreproError):
 
 def _stop(running: dict) -> None:
     """SIGTERM to each run (it checkpoints and exits), then wait; kill what hangs."""
-    for _, proc in running.values():
+    for _, proc, _ in running.values():
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-    for _, proc in running.values():
+    for _, proc, _ in running.values():
         try:
             proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
@@ -36,8 +38,16 @@ def _stop(running: dict) -> None:
             proc.wait()
 
 
-def run_pool(out: str, runs: list[Run], parallel: int, python=None, env=None) -> dict:
-    """Runs ``runs`` as separate processes, ``parallel`` at a time; name -> exit code."""
+def run_pool(
+    out: str, runs: list[Run], parallel: int, python=None, env=None, *, ready=None, on_exit=None
+) -> dict:
+    """Runs ``runs`` as separate processes, ``parallel`` at a time; name -> exit code.
+
+    ``ready(run, busy)`` (``busy``: names not yet ended) says whether a run may start:
+    None (now), ``WAIT`` (a run it needs is still going), or why it cannot run at all;
+    such a run is not started and its code is ``"skipped: WHY"``. ``on_exit(run, code)``
+    is called as each run ends (a study frees the checkpoints it no longer needs).
+    """
     pending, running, codes = list(runs), {}, {}
     environ = dict(os.environ, **(env or {}))
     with SigtermFlag() as term:  # a cluster's preemption stops the pool cleanly
@@ -48,8 +58,18 @@ def run_pool(out: str, runs: list[Run], parallel: int, python=None, env=None) ->
                         f"SIGTERM: {len(running)} run(s) stopped at a checkpoint; "
                         "rerun the same command to resume the study"
                     )
-                while pending and len(running) < parallel:
-                    run = pending.pop(0)
+                for run in list(pending):
+                    if len(running) >= parallel:
+                        break
+                    busy = {r.name for r in pending} | set(running)
+                    why = ready(run, busy) if ready is not None else None
+                    if why == WAIT:
+                        continue
+                    pending.remove(run)
+                    if why is not None:
+                        codes[run.name] = f"skipped: {why}"
+                        log.warning("study: %s not run: %s", run.name, why)
+                        continue
                     with open(log_path(out, run), "a") as logf:
                         proc = subprocess.Popen(
                             job_argv(out, run, python),
@@ -57,9 +77,9 @@ def run_pool(out: str, runs: list[Run], parallel: int, python=None, env=None) ->
                             stderr=subprocess.STDOUT,
                             env=environ,
                         )
-                    running[run.name] = (time.time(), proc)
+                    running[run.name] = (time.time(), proc, run)
                     log.info("study: started %s (%d left to start)", run.name, len(pending))
-                for name, (t0, proc) in list(running.items()):
+                for name, (t0, proc, run) in list(running.items()):
                     if proc.poll() is not None:
                         codes[name] = proc.returncode
                         del running[name]
@@ -69,6 +89,8 @@ def run_pool(out: str, runs: list[Run], parallel: int, python=None, env=None) ->
                             proc.returncode,
                             time.time() - t0,
                         )
+                        if on_exit is not None:
+                            on_exit(run, proc.returncode)
                 time.sleep(0.2)
         finally:
             _stop(running)

@@ -167,7 +167,7 @@ class Training:
                 raise CheckpointError(
                     f"no checkpoint {origin.step} in {src.directory} (have {src.steps()})"
                 )
-            state, phase_name = self.setup.restore(src, origin.step)
+            state, phase_name = self.setup.restore(src, origin.step, recorded=origin.config)
             src.close()
             return state, phase_name, origin.step, "origin"
         return self.setup.init_state(), self.setup.first_phase().name, 0, "init"
@@ -289,6 +289,8 @@ class Training:
             if pending is not None:
                 events.append(pending)
             protected = protected_steps(self.ckpts.steps(), events)
+            if c.keep_phase_starts:  # a study's branches start there
+                protected |= {p.start for p in self.setup.phases[1:] if p.steps}
             self.ckpts.retain(c.keep_last, c.keep_every, protected)
 
     def _agreed_stop(self, requested: bool, step: int) -> bool:

@@ -109,6 +109,7 @@ class Origin:
     skip_batches: int = 0
     info: dict = dataclasses.field(default_factory=dict)
     history: tuple = ()  # the original's metric rows before ``step`` (detector context)
+    config: dict | None = None  # the original's config.json (its optimizer's structure)
 
 
 class RunSetup:
@@ -160,22 +161,52 @@ class RunSetup:
         """The pretrain -> fine-tune transition (new head, fresh optimizer), replicated."""
         return self.par.replicate(state_lib.to_finetune(self.config, self.seeds, state, phase))
 
-    def restore(self, ckpts, step: int):
-        """(state, its phase name) of checkpoint ``step`` of ``ckpts``, on the mesh."""
+    def restore(self, ckpts, step: int, recorded: dict | None = None):
+        """(state, its phase name) of checkpoint ``step`` of ``ckpts``, on the mesh.
+
+        ``recorded``: the config of the run that wrote ``ckpts``, when it is not this one
+        (a branch). At the fine-tune start the optimizer state is fresh by construction
+        (``to_finetune``); if the recorded optimizer has another structure than this
+        config's (gradient clipping or weight decay switched on, a backbone lr multiplier),
+        the weights are restored and this config's fresh optimizer state is made, as a run
+        of this config has it there. Elsewhere the optimizer state must fit as it is.
+        """
         phase = self.phase_of(step)
         if step == self.total:
             phase = self.phases[-1]
         target = jax.eval_shape(self.init_state)
+        fine_tune_start = (
+            phase.name == "finetune"
+            and self.first_phase().name == "pretrain"
+            and step == phase.start
+        )
         if phase.name == "finetune" and self.first_phase().name == "pretrain":
             target = jax.eval_shape(
                 lambda s: state_lib.to_finetune(self.config, self.seeds, s, phase), target
             )
+        fresh_tx = None
+        if recorded is not None and fine_tune_start:
+            recorded_tx = self._recorded_tx(recorded, phase)
+            stored = jax.eval_shape(recorded_tx.init, target.params)
+            if jax.tree.structure(stored) != jax.tree.structure(target.opt_state):
+                target, fresh_tx = target.replace(opt_state=stored), phase.tx
         target = self.par.replicate(target)  # restore straight into replicated arrays
         state, meta = ckpts.restore(step, target, expect={"model": self.config.model.name})
+        if fresh_tx is not None:
+            state = state.replace(opt_state=self.par.replicate(fresh_tx.init(state.params)))
+            log.info("fresh fine-tune optimizer state of this config at step %d", step)
         log.info(
             "restored checkpoint %d (%s) from %s", step, meta.get("phase"), shown(ckpts.directory)
         )
         return state, meta["phase"]
+
+    @staticmethod
+    def _recorded_tx(recorded: dict, phase):
+        from jaxrepro import config as config_lib
+        from jaxrepro.train import optimizer as optimizer_lib
+
+        stored = {k: v for k, v in recorded.items() if k != "replay"}
+        return optimizer_lib.build(config_lib.from_dict(stored), phase.name, phase.steps)
 
     # -- keys
     def keys(self, phase):
