@@ -22,14 +22,23 @@ def get_config(arg=None):
     c.model.stem = "imagenet"
     c.data.source.name = "digits"
     c.data.target.name = "digits_shifted"
-    c.data.image_size = 32
+    # 24x24: the digits are 8x8 scans upsampled, so 24 loses nothing against 32 and a step
+    # costs ~0.6x (the stem and max-pool take it to 6x6 before the first stage).
+    c.data.image_size = 24
     c.data.normalize.mean = (0.3, 0.3, 0.3)
     c.data.normalize.std = (0.4, 0.4, 0.4)
     c.data.augment.crop.enabled = True
     c.data.augment.crop.padding = 4
     c.data.augment.flip.enabled = False  # digits are not mirror-symmetric
-    c.optimizer.lr = 3e-3
-    c.pretrain.epochs = 3  # 43 steps an epoch at batch 32 ('drop' remainder): 129 steps
+    # Pretraining: Adam 1e-3, 10 warmup steps, cosine to 0 over 6 epochs (43 steps an epoch at
+    # batch 32, 'drop' remainder: 258 steps). Fine-tuning: Adam 3e-3, constant, 120 steps.
+    c.optimizer.lr = 1e-3
+    c.optimizer.schedule = "cosine"
+    c.optimizer.warmup_steps = 10
+    c.pretrain.epochs = 6
+    c.finetune.lr = 3e-3
+    c.finetune.schedule = "constant"
+    c.finetune.warmup_steps = 0
     c.finetune.steps = 120
     c.pretrain.eval_every = 20
     c.finetune.eval_every = 20

@@ -210,6 +210,11 @@ def test_a_remedy_of_optimizer_lr_that_finetune_lr_overrides_is_refused(data_dir
     config = tiny_digits(data_dir, finetune__lr=1e-3)
     with pytest.raises(ConfigError, match="changes nothing in fine-tuning"):
         study.run_study(config, str(tmp_path / "s"), design=_design_file(tmp_path, arms))
+    arms = _arms((3, {"overrides": {"optimizer.warmup_steps": 20}}))
+    config = tiny_digits(data_dir, finetune__warmup_steps=0)
+    with pytest.raises(ConfigError, match="finetune.warmup_steps=0; override finetune"):
+        study.run_study(config, str(tmp_path / "s"), design=_design_file(tmp_path, arms))
+    assert not (tmp_path / "s").exists()
 
 
 def test_cli_unknown_arm_exits_2_and_writes_nothing(tmp_path):

@@ -69,7 +69,7 @@ def get_design(variant=None):
         {
             "name": "warmup",
             "branch": "finetune",
-            "overrides": {"optimizer.warmup_steps": 20},
+            "overrides": {"finetune.warmup_steps": 20},
             "description": "remedy: linear warmup over fine-tuning's first 20 steps",
         },
         {

@@ -277,6 +277,13 @@ def check_branch_override(arm: Arm, key: str, base_config) -> None:
             f"{where}: override optimizer.lr changes nothing in fine-tuning, whose learning "
             f"rate is finetune.lr={base_config.finetune.lr}; override finetune.lr"
         )
+    for field in ("schedule", "warmup_steps"):
+        own = base_config.finetune.get(field)
+        if key == f"optimizer.{field}" and own is not None:
+            raise ConfigError(
+                f"{where}: override {key} changes nothing in fine-tuning, whose own is "
+                f"finetune.{field}={own!r}; override finetune.{field}"
+            )
 
 
 def checked_config(base_config, overrides, where: str):
