@@ -236,7 +236,7 @@ def prune_checkpoints(out: str, runs) -> dict:
     have no checkpoints, are left alone.
     """
     from jaxrepro import dropoff as dropoff_lib
-    from jaxrepro.checkpoints import Checkpoints, protected_steps
+    from jaxrepro.checkpoints import Checkpoints
 
     result = {}
     for run in runs:
@@ -247,7 +247,7 @@ def prune_checkpoints(out: str, runs) -> dict:
         events = [e["step"] for e in dropoff_lib.load_dropoffs(workdir)]
         ckpts = Checkpoints(ckpt_dir)
         try:
-            deleted = ckpts.retain(1, 0, protected_steps(ckpts.steps(), events))
+            deleted = ckpts.retain(1, 0, before=events)
             result[run.name] = {"kept": ckpts.steps(), "deleted": deleted}
         finally:
             ckpts.close()

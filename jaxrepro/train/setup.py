@@ -14,10 +14,12 @@ import logging
 import jax
 import numpy as np
 
+from jaxrepro import config as config_lib
 from jaxrepro import data as data_lib
 from jaxrepro import parallel, rng
+from jaxrepro.checkpoints import Checkpoints
 from jaxrepro.data import order as order_lib
-from jaxrepro.errors import ConfigError
+from jaxrepro.errors import CheckpointError, ConfigError
 from jaxrepro.train import state as state_lib
 from jaxrepro.train.step import step_controls
 from jaxrepro.workdir import shown
@@ -111,6 +113,16 @@ class Origin:
     history: tuple = ()  # the original's metric rows before ``step`` (detector context)
 
 
+def claimed_config(config, origin: Origin | None) -> dict:
+    """config.json of a run: the config, and a branch's origin (another origin is refused)."""
+    claimed = config_lib.to_dict(config)
+    if origin is not None:
+        claimed["replay"] = dict(
+            origin.info, from_step=origin.step, until=origin.until, skip_batches=origin.skip_batches
+        )
+    return claimed
+
+
 class RunSetup:
     """One run's data, phases, keys and batches, and how to make or restore its state."""
 
@@ -176,6 +188,19 @@ class RunSetup:
             "restored checkpoint %d (%s) from %s", step, meta.get("phase"), shown(ckpts.directory)
         )
         return state, meta["phase"]
+
+    def restore_origin(self):
+        """(state, its phase name) of the origin's checkpoint, read from the original run."""
+        origin = self.origin
+        src = Checkpoints(origin.checkpoint_dir, read_only=True)
+        try:
+            if origin.step not in src.steps():
+                raise CheckpointError(
+                    f"no checkpoint {origin.step} in {src.directory} (have {src.steps()})"
+                )
+            return self.restore(src, origin.step)
+        finally:
+            src.close()
 
     # -- keys
     def keys(self, phase):
