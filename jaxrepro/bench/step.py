@@ -9,7 +9,7 @@ r"""``jaxrepro bench``: the JAX train step against PyTorch, and the costs around
     jaxrepro bench portable [arch=resnet50 size=32 batch=32 rounds=4 iters=8]  (vs native)
     jaxrepro bench diagnose [config=configs/digits.py steps=80 onset=60]  (arm step vs step)
     jaxrepro bench detector [seeds=4 sets=... labels=... record=current|baseline]
-                           (the drop-off detector on labelled streams: detector_bench.py)
+                           (the drop-off detector on labelled streams: bench/detector.py)
     jaxrepro bench data    [image_size=224 batch=32 workers=1,2 ...]  (host input pipeline)
     jaxrepro bench all
 
@@ -53,7 +53,7 @@ How ``step`` measures (the machine may be shared, so nothing is timed alone):
   batch 1; batch-norm, pooling and the optimizer are not counted), and 3x that for a
   training step (forward + the two backward matmuls). The fraction of peak divides
   ``images/s x train FLOPs`` by the machine's fp32 matmul peak as measured here
-  (``bench_model.matmul_peak``).
+  (``jaxrepro.bench.model.matmul_peak``).
 """
 
 from __future__ import annotations

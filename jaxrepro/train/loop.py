@@ -2,8 +2,9 @@
 
 Decide how to start, in this order: (1) validate the config; (2) claim the workdir (a
 different config there is refused, the same one resumes); (3) restore the latest complete
-checkpoint if there is one, else initialise from the ``init`` seed; (4) drop the metrics
-rows the resumed run will write again. Then, at every global step s:
+checkpoint if there is one, else a branch's origin checkpoint, else initialise from the
+``init`` seed; (4) drop the metrics rows the resumed run will write again. Then, at every
+global step s:
 
     phase boundary -> final eval of the old phase, new head + fresh Adam
     eval (if due)  -> eval rows for state s
@@ -11,7 +12,8 @@ rows the resumed run will write again. Then, at every global step s:
     train step s   -> train row s
 
 so a checkpoint at s always follows the rows it implies, and a kill at any moment resumes
-to the same bits. Where each job lives: the run's data, phases, keys, batches and states
+to the same bits. At the end: the final eval and save ('done'), a save on SIGTERM, or the
+non-finite stop ('diverged'); then run.json's account of the session. Where each job lives: the run's data, phases, keys, batches and states
 in ``setup``; the compiled steps in ``programs``; evaluation in ``evaluation``; batches
 and data workers in ``feed``; rows, drop-offs, event files, heartbeat and progress in
 ``record``; run.json in ``runinfo``; the workdir's claim in ``jaxrepro.workdir``;
