@@ -101,14 +101,13 @@ def test_headline_ratio_is_against_the_fastest_torch_variant():
 
 
 def test_load_verdict_says_when_the_machine_was_busy():
-    quiet = step_bench.load_verdict(
-        {"cores": 2, "loadavg": [1.2, 1, 1], "loadavg_after": [1.4, 1, 1]}
-    )
-    assert quiet == {"measured_under_load": False, "load_threshold": 1.5}
-    busy = step_bench.load_verdict(
-        {"cores": 2, "loadavg": [1.2, 1, 1], "loadavg_after": [2.5, 1, 1]}
-    )
-    assert busy["measured_under_load"] and "up to 2.50 on 2 cores" in busy["load_note"]
+    quiet = {"loadavg": [1.2, 1, 1], "loadavg_after": [1.4, 1, 1]}
+    assert step_bench.load_verdict(quiet, cpus=2) == {
+        "measured_under_load": False,
+        "load_threshold": 1.5,
+    }
+    busy = step_bench.load_verdict({"loadavg": [1.2, 1, 1], "loadavg_after": [2.5, 1, 1]}, cpus=2)
+    assert busy["measured_under_load"] and "up to 2.50 on a 2-CPU machine" in busy["load_note"]
 
 
 def test_torch_runner_variants():

@@ -13,12 +13,12 @@ global step s:
 
 so a checkpoint at s always follows the rows it implies, and a kill at any moment resumes
 to the same bits. At the end: the final eval and save ('done'), a save on SIGTERM, or the
-non-finite stop ('diverged'); then run.json's account of the session. Where each job lives: the run's data, phases, keys, batches and states
-in ``setup``; the compiled steps in ``programs``; evaluation in ``evaluation``; batches
-and data workers in ``feed``; rows, drop-offs, event files, heartbeat and progress in
-``record``; run.json in ``runinfo``; the workdir's claim in ``jaxrepro.workdir``;
-checkpoints and their retention in ``jaxrepro.checkpoints``; the hosts' agreement to stop
-in ``jaxrepro.parallel``.
+non-finite stop ('diverged'); then run.json's account of the session. Where each job
+lives: the run's data, phases, keys, batches and states in ``setup``; the compiled steps
+in ``programs``; evaluation in ``evaluation``; batches and data workers in ``feed``; rows,
+drop-offs, event files, heartbeat and progress in ``record``; run.json in ``runinfo``; the
+workdir's claim in ``jaxrepro.workdir``; checkpoints and their retention in
+``jaxrepro.checkpoints``; the hosts' agreement to stop in ``jaxrepro.parallel``.
 """
 
 from __future__ import annotations
