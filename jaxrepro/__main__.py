@@ -14,7 +14,7 @@ r"""The command line: ``jaxrepro COMMAND --flags`` (also ``python -m jaxrepro``)
     jaxrepro port     --arch=resnet50 --torch=FILE --out=DIR
     jaxrepro torch_train --config=... --workdir=DIR   (the PyTorch reference run)
     jaxrepro compare  --jax=RUN_OR_STUDY --torch=PATH --out=DIR
-    jaxrepro bench    step|startup|e2e|checkpoint|memory|detector|portable|diagnose|data|all
+    jaxrepro bench    step|speed|startup|e2e|checkpoint|memory|detector|portable|diagnose|data|all
                       [key=value ...] [--out=results/bench]
     jaxrepro status   DIR [--watch [--interval=S]]   (a run or a study directory)
 

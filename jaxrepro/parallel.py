@@ -263,6 +263,20 @@ def any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.int32(bool(flag)))))
 
 
+STOP_CHECK_EVERY = 10  # multi-host: steps between SIGTERM agreements (each a collective)
+
+
+def agreed_stop(requested: bool, step: int) -> bool:
+    """Whether to stop for SIGTERM at ``step``: on every host alike.
+
+    Multi-host, the hosts compare their flags every ``STOP_CHECK_EVERY`` steps only (a
+    collective), so they all stop, and save, at the same step.
+    """
+    if jax.process_count() == 1:
+        return requested
+    return step % STOP_CHECK_EVERY == 0 and any_process(requested)
+
+
 class RowMirror:
     """A non-primary host's metrics: the rows in memory (for the detector), no file."""
 

@@ -21,6 +21,7 @@ from jaxrepro.checkpoints import Checkpoints
 from jaxrepro.errors import CheckpointError, ConfigError, WorkdirError
 from jaxrepro.plumbing import jsonio
 from jaxrepro.train import loop, runinfo
+from jaxrepro.train.setup import Origin
 from jaxrepro.workdir import Workdir
 
 _REFUSED_PREFIXES = ("model.", "data.source.", "data.target.", "data.image_size")
@@ -159,7 +160,7 @@ def replay(
             parts.append(f"dev{devices}")
         name = ("exact_" if exact else "cf_") + _slug("_".join(parts))
     out = os.path.abspath(out_dir) if out_dir else os.path.join(ws.path, "replays", name)
-    origin = loop.Origin(
+    origin = Origin(
         checkpoint_dir=ws.checkpoint_dir,
         step=start,
         until=p["until"],

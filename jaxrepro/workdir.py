@@ -96,6 +96,23 @@ class Workdir:
         jsonio.write_json(self.config_path, config_dict)
         return False
 
+    def claim_on_all_hosts(self, config_dict: dict) -> bool:
+        """``claim`` on process 0; the other hosts follow its verdict (and its refusal)."""
+        from jaxrepro import parallel  # reading a workdir (jaxrepro status) needs no JAX
+
+        verdict, error = -1, None
+        if parallel.is_primary():
+            try:
+                verdict = int(self.claim(config_dict))
+            except WorkdirError as e:
+                error = e
+        verdict = parallel.broadcast_int(verdict)
+        if error is not None:
+            raise error
+        if verdict < 0:
+            raise WorkdirError(f"process 0 refused the workdir {self.path} (its log says why)")
+        return bool(verdict)
+
     def read_run(self) -> dict:
         return jsonio.read_json(self.run_path) if os.path.exists(self.run_path) else {}
 

@@ -4,13 +4,13 @@
 #      compiling from scratch (no compile cache), and their final state hashes compared;
 #   2. the ResNet-50 train step at 224x224 (Adam, augmentation, the project's real step):
 #      images/s in fp32 and bf16, deterministic mode on and off, one process each (XLA reads
-#      its flags when the backend starts).
+#      its flags when the backend starts): jaxrepro bench speed.
 #
 # usage: launch/gpu_check.sh [--tiny] [--dry-run] [OUT_DIR]      (run from the repo root)
 #   --tiny     a CPU-sized version (short smoke runs, resnet_tiny at 32x32): checks the plumbing
 #   --dry-run  print the commands, run nothing
 # env: PYTHON (default python3), BATCH (128), STEPS (20), STEP_TIMEOUT (150 s per setting).
-# Writes OUT_DIR (default gpu_check_out)/: smoke_{a,b}/ (run workdirs), speed.jsonl, summary.txt.
+# Writes OUT_DIR (default gpu_check_out)/: smoke_{a,b}/ (run workdirs), speed.json, summary.txt.
 set -euo pipefail
 
 TINY=0
@@ -36,16 +36,16 @@ run() {  # print the command; run it unless --dry-run
 }
 
 SMOKE=(--config=configs/digits.py:smoke)
-SPEED=(--batch="$BATCH" --steps="$STEPS")
+SPEED=(batch="$BATCH" steps="$STEPS")
 if [ "$TINY" = 1 ]; then
   SMOKE+=(--config.pretrain.steps=4 --config.finetune.steps=2 --config.pretrain.eval_every=0
           --config.finetune.eval_every=0)
-  SPEED=(--tiny)
+  SPEED=(tiny=1)
 fi
 
 if [ "$DRY" = 0 ]; then
   mkdir -p "$OUT"
-  rm -rf "$OUT/smoke_a" "$OUT/smoke_b" "$OUT/speed.jsonl"
+  rm -rf "$OUT/smoke_a" "$OUT/smoke_b" "$OUT/speed.json"
   "$PYTHON" -c "import jax, jaxrepro; print('devices:', jax.devices())" || {
     echo "gpu_check: needs the project importable with jax (pip install -e . in this env)" >&2
     exit 1
@@ -59,20 +59,9 @@ for name in smoke_a smoke_b; do
   run "$PYTHON" -m jaxrepro train "${SMOKE[@]}" --workdir="$OUT/$name"
 done
 
-# 2. Train-step speed: fp32 / bf16 x deterministic on / off.
-for dtype in float32 bfloat16; do
-  for det in 1 0; do
-    if [ "$DRY" = 1 ]; then
-      echo "+ timeout $STEP_TIMEOUT $PYTHON launch/step_speed.py ${SPEED[*]} --dtype=$dtype" \
-        "--deterministic=$det >> $OUT/speed.jsonl"
-    else
-      timeout "$STEP_TIMEOUT" "$PYTHON" launch/step_speed.py "${SPEED[@]}" --dtype="$dtype" \
-        --deterministic="$det" >> "$OUT/speed.jsonl" \
-        || echo "{\"dtype\": \"$dtype\", \"deterministic\": $det, \"error\": \"exit $?\"}" \
-          >> "$OUT/speed.jsonl"
-    fi
-  done
-done
+# 2. Train-step speed: fp32 / bf16 x deterministic on / off, one child process each.
+run "$PYTHON" -m jaxrepro bench speed "${SPEED[@]}" dtype=float32,bfloat16 deterministic=1,0 \
+  timeout="$STEP_TIMEOUT" --out="$OUT"
 
 [ "$DRY" = 1 ] && exit 0
 "$PYTHON" - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
@@ -88,12 +77,11 @@ print(f"deterministic mode active: {det.get('active')}  XLA_FLAGS: {det.get('xla
 print(f"smoke twice: {'BITWISE IDENTICAL' if same else 'DIFFERENT'} final state "
       f"({str(hashes[0])[:16]} vs {str(hashes[1])[:16]})")
 print(f"{'dtype':9} {'deterministic':>13} {'images/s':>10} {'step ms':>9} {'compile s':>10}")
-for line in open(os.path.join(out, "speed.jsonl")):
-    r = json.loads(line)
+for r in json.load(open(os.path.join(out, "speed.json")))["settings"]:
     if "error" in r:
         print(f"{r['dtype']:9} {bool(r['deterministic'])!s:>13}  failed: {r['error']}")
         continue
     print(f"{r['dtype']:9} {r['deterministic']!s:>13} {r['images_per_s']:>10} "
-          f"{r['step_ms']:>9} {r['compile_s']:>10}   ({r['model']} {r['size']}px batch {r['batch']})")
+          f"{r['step_ms']:>9} {r['compile_s']:>10}   ({r['arch']} {r['size']}px batch {r['batch']})")
 sys.exit(0 if same else 1)
 EOF

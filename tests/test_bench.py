@@ -15,6 +15,8 @@ import pytest
 from jaxrepro import bench
 from jaxrepro.bench import model as bench_model
 from jaxrepro.bench import runs as bench_runs
+from jaxrepro.bench import speed as bench_speed
+from jaxrepro.bench import step as step_bench
 from jaxrepro.errors import JaxreproError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,6 +57,69 @@ def test_cli_errors_name_the_problem(tmp_path):
     assert not os.path.exists(tmp_path / "step.json")
 
 
+def test_speed_options_are_checked_before_anything_runs(tmp_path):
+    with pytest.raises(JaxreproError, match="dtype='float16'"):
+        bench.main(["speed", "dtype=float16"], _flags(tmp_path))
+    with pytest.raises(JaxreproError, match="deterministic='yes'"):
+        bench.main(["speed", "deterministic=yes"], _flags(tmp_path))
+    with pytest.raises(JaxreproError, match="batch"):
+        bench.main(["speed", "batch=0"], _flags(tmp_path))
+    with pytest.raises(JaxreproError, match="torch_variants=.*unknown \\['compile'\\]"):
+        bench.main(["step", "torch_variants=channels_last,compile"], _flags(tmp_path))
+    assert os.listdir(tmp_path) == []
+    opts, pairs = bench_speed.settings(dict(bench_speed.DEFAULTS, tiny=1, deterministic="1,0"))
+    assert (opts["arch"], opts["size"], opts["batch"]) == ("resnet_tiny", 32, 8)
+    assert pairs == [("float32", True), ("float32", False)]
+
+
+def _timed(step_s: dict) -> tuple[dict, dict]:
+    """A step.json row and its per-round times: each runner's rounds of 3 equal steps."""
+    times = {name: [[t] * 3 for t in per_round] for name, per_round in step_s.items()}
+    medians = {name: statistics.median(per_round) for name, per_round in step_s.items()}
+    row = {name: {"step_s_median": m, "images_per_s": 32 / m} for name, m in medians.items()}
+    return row, times
+
+
+def test_headline_ratio_is_against_the_fastest_torch_variant():
+    row, times = _timed(
+        {"jax": [0.10, 0.12, 0.10], "torch": [0.15, 0.18, 0.16],
+         "torch[channels_last]": [0.16, 0.19, 0.17], "torch[compiled]": [0.12, 0.13, 0.12]}
+    )  # fmt: skip
+    got = step_bench.headline(row, times)
+    assert got["torch_best"] == "torch[compiled]"
+    assert got["ratio_per_round"] == pytest.approx([1.2, 13 / 12, 1.2])
+    assert got["ratio_jax_over_torch"] == pytest.approx(1.2)
+    assert got["ratio_of_medians"] == pytest.approx(0.12 / 0.10)
+    assert got["ratios_by_torch_variant"]["torch"] == pytest.approx(1.5)
+    assert set(got["ratios_by_torch_variant"]) == {
+        "torch",
+        "torch[channels_last]",
+        "torch[compiled]",
+    }
+    row, times = _timed({"jax": [0.1], "torch": [0.2], "torch[channels_last]": [0.3]})
+    assert step_bench.headline(row, times)["torch_best"] == "torch"  # the default may be best
+
+
+def test_load_verdict_says_when_the_machine_was_busy():
+    quiet = {"loadavg": [1.2, 1, 1], "loadavg_after": [1.4, 1, 1]}
+    assert step_bench.load_verdict(quiet, cpus=2) == {
+        "measured_under_load": False,
+        "load_threshold": 1.5,
+    }
+    busy = step_bench.load_verdict({"loadavg": [1.2, 1, 1], "loadavg_after": [2.5, 1, 1]}, cpus=2)
+    assert busy["measured_under_load"] and "up to 2.50 on a 2-CPU machine" in busy["load_note"]
+
+
+def test_torch_runner_variants():
+    torch = pytest.importorskip("torch")
+    run, info = step_bench.torch_step_runner("resnet_tiny", 16, 2, 10, 1, "channels_last")
+    run()
+    assert info["layout"] == "NHWC (channels_last)" and info["variant"] == "channels_last"
+    assert torch.get_num_threads() == info["threads"] == 1
+    with pytest.raises(ValueError, match="unknown PyTorch variant 'nhwc'"):
+        step_bench.torch_step_runner("resnet_tiny", 16, 2, 10, 1, "nhwc")
+
+
 def test_resnet50_flops_match_the_published_count():
     flops = bench_model.model_flops("resnet50", 224, num_classes=1000)
     # torchvision: 4.09 G multiply-adds for ResNet-50 at 224x224
@@ -74,9 +139,16 @@ def test_alternate_times_each_turn_after_its_settling_steps():
 
 
 @pytest.mark.slow  # a benchmark's smoke run: make test-slow
-def test_bench_step_writes_consistent_json(tmp_path):
+def test_bench_step_writes_consistent_json(tmp_path, monkeypatch):
+    from torch._inductor import cpp_builder
+
+    def no_compiler():  # torch.compile takes minutes: never in the tests
+        raise RuntimeError("no g++ on PATH")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
     args = ["step", "arch=resnet_tiny", "size=16", "batch=4", "rounds=2", "iters=2", "warmup=1",
-            "peak_n=128", "variants=matmul/flax/cond", "threads=1"]  # fmt: skip
+            "peak_n=128", "variants=matmul/flax/cond", "threads=1",
+            "torch_variants=channels_last,compiled"]  # fmt: skip
     assert bench.main(args, _flags(tmp_path)) == 0
     result = json.loads((tmp_path / "step.json").read_text())
     mp = result["matmul_peak"]
@@ -86,7 +158,8 @@ def test_bench_step_writes_consistent_json(tmp_path):
     (row,) = result["shapes"]
     assert (row["image_size"], row["batch"]) == (16, 4)
     assert row["flops_per_image"]["train"] == 3 * row["flops_per_image"]["forward"] > 0
-    for name in ("jax", "jax[matmul/flax/cond]", "torch"):
+    assert "no C++ compiler" in row["torch[compiled]"]["skipped"]
+    for name in ("jax", "jax[matmul/flax/cond]", "torch", "torch[channels_last]"):
         r = row[name]
         assert len(r["rounds_s"]) == 2 and all(len(x) == 2 for x in r["rounds_s"])
         times = [t for x in r["rounds_s"] for t in x]
@@ -96,18 +169,40 @@ def test_bench_step_writes_consistent_json(tmp_path):
         assert r["fraction_of_peak"] == pytest.approx(want)
     assert row["jax"]["conv_impl"] == "matmul" and row["jax"]["tail"] == "project"
     assert row["jax[matmul/flax/cond]"]["tail"] == "cond"
+    assert row["torch[channels_last]"]["layout"] == "NHWC (channels_last)"
+    best = row["torch_best"]
+    assert best == min(("torch", "torch[channels_last]"), key=lambda n: row[n]["step_s_median"])
     ratios = [
         statistics.median(t) / statistics.median(j)
-        for j, t in zip(row["jax"]["rounds_s"], row["torch"]["rounds_s"], strict=True)
+        for j, t in zip(row["jax"]["rounds_s"], row[best]["rounds_s"], strict=True)
     ]
     assert row["ratio_per_round"] == pytest.approx(ratios)
     assert row["ratio_jax_over_torch"] == pytest.approx(statistics.median(ratios))
     assert row["ratio_jax_over_torch"] > 0
     assert row["ratio_of_medians"] == pytest.approx(
-        row["jax"]["images_per_s"] / row["torch"]["images_per_s"]
+        row["jax"]["images_per_s"] / row[best]["images_per_s"]
     )
+    assert set(row["ratios_by_torch_variant"]) == {"torch", "torch[channels_last]"}
+    assert isinstance(result["machine"]["measured_under_load"], bool)
     assert result["machine"]["cores"] >= 1 and row["torch"]["threads"] >= 1
     assert "glibc_tunables" in result["machine"]
+
+
+@pytest.mark.slow  # a benchmark's smoke run: make test-slow
+def test_bench_speed_measures_each_setting_in_its_own_process(tmp_path):
+    args = ["speed", "tiny=1", "dtype=float32", "deterministic=1,0"]
+    assert bench.main(args, _flags(tmp_path)) == 0
+    result = json.loads((tmp_path / "speed.json").read_text())
+    on, off = result["settings"]
+    assert (on["deterministic"], off["deterministic"]) == (True, False)
+    for r in (on, off):
+        assert r["arch"] == "resnet_tiny" and r["steps"] == 3 and r["images_per_s"] > 0
+        assert r["images_per_s"] == pytest.approx(8 * 1000 / r["step_ms"], rel=1e-3)
+        assert np.isfinite(r["final_loss"])
+    # deterministic GPU mode changes nothing on a CPU: the same step, the same bits
+    assert on["param_hash"] == off["param_hash"]
+    assert on["determinism"]["requested"]["gpu_deterministic"] is True
+    assert off["determinism"]["requested"]["gpu_deterministic"] is False
 
 
 @pytest.mark.slow  # a benchmark's smoke run: make test-slow

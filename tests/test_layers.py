@@ -173,6 +173,49 @@ def test_a_planted_cycle_inside_a_room_is_caught():
     assert "jaxrepro.train.loop" in found[0] and "jaxrepro.train.step" in found[0]
 
 
+def design_tree(text: str) -> set[str]:
+    """The module paths that docs/design.md's package tree names (two spaces a level)."""
+    block = text.split("## The package, one module a line", 1)[1].split("```")[1]
+    dirs, out = [], set()
+    for line in block.strip("\n").splitlines():
+        depth = (len(line) - len(line.lstrip(" "))) // 2
+        name = line.split()[0]
+        del dirs[depth:]
+        if name.endswith("/"):
+            dirs.append(name)
+        else:
+            out.add("".join(dirs) + name)
+    return out
+
+
+def test_the_design_tree_names_every_module_and_nothing_else():
+    with open(os.path.join(REPO, "docs", "design.md")) as f:
+        listed = design_tree(f.read())
+    modules = _modules(REPO)
+    files = {}
+    for name, source in modules.items():
+        is_pkg = any(m.startswith(name + ".") for m in modules)
+        path = name.replace(".", "/") + ("/__init__.py" if is_pkg else ".py")
+        files[path] = source
+    defining = {
+        path
+        for path, source in files.items()
+        if any(
+            isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+            for n in ast.walk(ast.parse(source))
+        )
+    }
+    assert sorted(listed - set(files)) == []  # named in the tree, not in the package
+    assert sorted(defining - listed) == []  # in the package, missing from the tree
+
+
+def test_the_design_tree_parser_reads_nesting():
+    text = "## The package, one module a line\n```\njaxrepro/\n  a.py  x\n  sub/  y\n" + (
+        "    b.py  z\n  c.py\n```\n"
+    )
+    assert design_tree(text) == {"jaxrepro/a.py", "jaxrepro/sub/b.py", "jaxrepro/c.py"}
+
+
 def test_loading_a_ported_directory_does_not_need_torch():
     """The layering's practical point: training from a ported dir imports no torch."""
     edges = imports(_modules(REPO))

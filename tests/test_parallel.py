@@ -374,4 +374,5 @@ def test_launch_scripts_parse_and_dry_run(tmp_path):
     )
     assert gpu.returncode == 0
     assert gpu.stdout.count("-m jaxrepro train --config=configs/digits.py:smoke") == 2
-    assert gpu.stdout.count("launch/step_speed.py") == 4
+    (speed,) = [line for line in gpu.stdout.splitlines() if "-m jaxrepro bench speed" in line]
+    assert "dtype=float32,bfloat16 deterministic=1,0" in speed and "batch=128" in speed

@@ -407,7 +407,7 @@ def test_resumed_design_study_runs_the_branch_from_the_baseline(branch_study, da
     branch = jsonio.read_json(os.path.join(out, "runs", "bb_aug0", "config.json"))["replay"]
     assert branch["run"] == os.path.join("..", "base_aug0") and branch["from_step"] == 8
     assert branch["overrides"] == ["finetune.backbone_lr_mult=0.5"]
-    arms = {a["name"]: a for a in summary["arms"]}
+    arms = {a["name"]: a for a in summary["arm_runs"]}
     assert arms["bb"]["branched_from"]["bb_aug0"] == {
         "run": "base_aug0",
         "from_step": 8,

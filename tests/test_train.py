@@ -11,6 +11,7 @@ from helpers import rows_equal, tiny_digits
 
 from jaxrepro.data import augment as augment_lib
 from jaxrepro.plumbing import hashing, jsonio
+from jaxrepro.plumbing.gcfreeze import frozen_gc
 from jaxrepro.train import loop
 from jaxrepro.train import record as record_lib
 from jaxrepro.train.evaluation import Evaluator
@@ -62,7 +63,7 @@ def test_same_config_twice_is_bitwise_identical(base_run, data_dir, tmp_path, mo
     import gc
 
     _, info, rows = base_run
-    frozen = []  # the step loop keeps what exists out of full collections (loop.frozen_gc)
+    frozen = []  # the step loop keeps what exists out of full collections (plumbing.gcfreeze)
     evaluate = Evaluator.evaluate
     monkeypatch.setattr(
         Evaluator, "evaluate", lambda *a: (frozen.append(gc.get_freeze_count()), evaluate(*a))[1]
@@ -86,7 +87,7 @@ def test_same_config_twice_is_bitwise_identical(base_run, data_dir, tmp_path, mo
 def test_frozen_gc_unfreezes_on_error():
     import gc
 
-    with pytest.raises(RuntimeError), loop.frozen_gc():
+    with pytest.raises(RuntimeError), frozen_gc():
         assert gc.get_freeze_count() > 0
         raise RuntimeError("a failing run")
     assert gc.get_freeze_count() == 0

@@ -1,6 +1,7 @@
 """``jaxrepro bench SUB``: the benchmarks, one module each, and their command line.
 
     step, portable  jaxrepro/bench/step.py     the train step against PyTorch; portable mode
+    speed           jaxrepro/bench/speed.py    the real train step per dtype and GPU mode
     startup, e2e, checkpoint, memory, diagnose  jaxrepro/bench/runs.py  real runs
     data            jaxrepro/bench/data.py     the host input pipeline
     detector        jaxrepro/bench/detector.py the drop-off detector on labelled streams
@@ -31,6 +32,7 @@ from jaxrepro.bench.step import (
     _variants,
     bench_portable,
     bench_step,
+    torch_variants,
 )
 
 __all__ = [
@@ -45,12 +47,14 @@ __all__ = [
 
 def main(args: list[str], FLAGS) -> int:  # noqa: N803 - absl's name
     """Runs ``jaxrepro bench SUB [key=value ...]``; returns the exit status."""
+    from jaxrepro.bench import speed as bench_speed
     from jaxrepro.errors import JaxreproError
     from jaxrepro.plumbing import jsonio
 
     if not args:
         raise JaxreproError(
-            "bench needs a sub-command: step | startup | e2e | checkpoint | memory | detector | all"
+            "bench needs a sub-command: step | speed | startup | e2e | checkpoint | memory | "
+            "portable | diagnose | detector | data | all"
         )
     sub, words = args[0], args[1:]
     out = getattr(FLAGS, "out", None) or DEFAULT_OUT
@@ -71,6 +75,8 @@ def main(args: list[str], FLAGS) -> int:  # noqa: N803 - absl's name
         jsonio.write_json(path, recorded(result))
         if name == "step":
             _print_step(result)
+        if name == "speed":
+            bench_speed.print_speed(result)
         print(f"wrote {path}")
     return 0
 
@@ -107,9 +113,11 @@ def _jobs(sub: str, words: list[str]):
     from jaxrepro.bench import data as bench_data
     from jaxrepro.bench import detector as detector_bench
     from jaxrepro.bench import runs as bench_runs
+    from jaxrepro.bench import speed as bench_speed
 
     subs = {
         "step": lambda: bench_step(parse_options(words, STEP_DEFAULTS)),
+        "speed": lambda: bench_speed.bench_speed(parse_options(words, bench_speed.DEFAULTS)),
         "startup": lambda: bench_runs.bench_startup(
             parse_options(words, bench_runs.STARTUP_DEFAULTS)
         ),
@@ -130,7 +138,8 @@ def _jobs(sub: str, words: list[str]):
     if sub == "all":
         if words:
             raise ValueError("bench all takes no options (run the sub-commands to set them)")
-        return list(subs.items())
+        # speed is the GPU check's (launch/gpu_check.sh): ResNet-50 at batch 128 per setting
+        return [(name, job) for name, job in subs.items() if name != "speed"]
     if sub not in subs:
         raise ValueError(f"unknown bench sub-command {sub!r}; known: {', '.join(subs)}, all")
     # Parse now, so a typo fails before minutes of measuring.
@@ -143,9 +152,11 @@ def _validate_words(sub: str, words: list[str]) -> None:
     from jaxrepro.bench import data as bench_data
     from jaxrepro.bench import detector as detector_bench
     from jaxrepro.bench import runs as bench_runs
+    from jaxrepro.bench import speed as bench_speed
 
     defaults = {
         "step": STEP_DEFAULTS,
+        "speed": bench_speed.DEFAULTS,
         "startup": bench_runs.STARTUP_DEFAULTS,
         "e2e": bench_runs.E2E_DEFAULTS,
         "checkpoint": bench_runs.CHECKPOINT_DEFAULTS,
@@ -158,3 +169,6 @@ def _validate_words(sub: str, words: list[str]) -> None:
     opts = parse_options(words, defaults)
     if sub == "step":
         _variants(opts)
+        torch_variants(opts)
+    if sub == "speed":
+        bench_speed.settings(opts)

@@ -1,4 +1,4 @@
-"""Run-level benchmarks behind ``jaxrepro bench startup | e2e | memory`` (see bench.py).
+"""Run-level benchmarks behind ``jaxrepro bench startup | e2e | memory`` (see bench/__init__.py).
 
 * ``startup``: process start -> first train step done, in fresh processes: with an empty
   persistent compilation cache (cold), then again with the same cache (warm: a second

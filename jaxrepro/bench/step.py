@@ -1,6 +1,7 @@
 r"""``jaxrepro bench``: the JAX train step against PyTorch, and the costs around it.
 
-    jaxrepro bench step    [size=32,224 batch=32,8 rounds=5 iters=3 settle=1 cores=0 variants=...]
+    jaxrepro bench step    [size=32,224 batch=32,8 rounds=5 iters=3 settle=1 cores=0 variants=...
+                            torch_variants=channels_last,compiled]
     jaxrepro bench startup [config=configs/digits.py init=both runs=2]  (time to first step)
     jaxrepro bench e2e     [config=configs/digits.py steps=80 rounds=5]  (run vs bare step)
     jaxrepro bench checkpoint [config=configs/digits.py rounds=4]  (save/restore, 3 layouts)
@@ -8,7 +9,7 @@ r"""``jaxrepro bench``: the JAX train step against PyTorch, and the costs around
     jaxrepro bench portable [arch=resnet50 size=32 batch=32 rounds=4 iters=8]  (vs native)
     jaxrepro bench diagnose [config=configs/digits.py steps=80 onset=60]  (arm step vs step)
     jaxrepro bench detector [seeds=4 sets=... labels=... record=current|baseline]
-                           (the drop-off detector on labelled streams: detector_bench.py)
+                           (the drop-off detector on labelled streams: bench/detector.py)
     jaxrepro bench data    [image_size=224 batch=32 workers=1,2 ...]  (host input pipeline)
     jaxrepro bench all
 
@@ -31,7 +32,16 @@ How ``step`` measures (the machine may be shared, so nothing is timed alone):
 * PyTorch: ``jaxrepro.compare.torch_resnet`` (the same architecture), ``torch.optim.Adam``
   with the same hyperparameters, ``torch.set_num_threads(threads)``; XLA's CPU thread
   pool is left as it is (one thread per core), and ``threads`` defaults to the cores.
-  ``cores=N`` runs everything in a child pinned to N cores.
+  ``cores=N`` runs everything in a child pinned to N cores. PyTorch at its best as well
+  as in its default form: ``torch`` is eager NCHW, ``torch_variants`` adds
+  ``torch[channels_last]`` (NHWC memory format) and ``torch[compiled]`` (``torch.compile``
+  of the channels_last model, where inductor finds a C++ compiler; its cold compile,
+  minutes on 2 cores, is the variant's ``compile_s``, outside the timed steps; a compile
+  that cannot run or fails is recorded as ``skipped`` with the reason). The headline
+  ``ratio_jax_over_torch`` is against the fastest of them (``torch_best``); each one's
+  own is in ``ratios_by_torch_variant``.
+* Load: ``machine.measured_under_load`` is true when the 1-minute load average, at the
+  start or the end, was above 0.75 per CPU of the machine (1.5 on 2 CPUs).
 * Both in one process, alternated: each round runs ``iters`` JAX steps, then ``iters``
   PyTorch steps, each turn opened by ``settle`` untimed steps (the first step after the
   other framework's turn pays for the memory that framework gave back: up to 2x at
@@ -43,7 +53,7 @@ How ``step`` measures (the machine may be shared, so nothing is timed alone):
   batch 1; batch-norm, pooling and the optimizer are not counted), and 3x that for a
   training step (forward + the two backward matmuls). The fraction of peak divides
   ``images/s x train FLOPs`` by the machine's fp32 matmul peak as measured here
-  (``bench_model.matmul_peak``).
+  (``jaxrepro.bench.model.matmul_peak``).
 """
 
 from __future__ import annotations
@@ -79,6 +89,9 @@ STEP_DEFAULTS = {
     "bn_impl": "",  # '': the config default
     "variants": "",  # extra JAX variants timed in the same rounds, e.g. lax/flax,matmul/fused
     "torch": 1,
+    # PyTorch beside its default (eager, NCHW): 'channels_last' (NHWC memory format) and
+    # 'compiled' (torch.compile of the channels_last model; needs a C++ compiler)
+    "torch_variants": "channels_last,compiled",
     "peak_n": 2048,
     "cores": 0,  # >0: measure in a child process pinned to this many cores (step_coresN.json)
 }
@@ -162,31 +175,88 @@ def jax_step_runner(
     return run, info
 
 
-def torch_step_runner(arch, image_size, batch, num_classes, threads):
-    """A PyTorch Adam step of the same architecture; ``run()`` does one step."""
+TORCH_VARIANTS = ("channels_last", "compiled")  # beside the default: eager NCHW ('torch')
+
+
+class TorchCompileUnavailable(RuntimeError):
+    """torch.compile cannot run here (no C++ compiler for its CPU kernels)."""
+
+
+def torch_step_runner(arch, image_size, batch, num_classes, threads, variant: str = ""):
+    """A PyTorch Adam step of the same architecture; ``run()`` does one step.
+
+    ``variant``: '' (eager, NCHW: PyTorch's default), 'channels_last' (the model and the
+    batch in NHWC memory format) or 'compiled' (``torch.compile`` of the channels_last
+    model; the optimizer step stays eager). A compiled runner has done its first step, which
+    traces and compiles the forward and backward passes: ``info['compile_s']``, timed apart,
+    with inductor's cache in a fresh directory (a cold compile).
+
+    Raises:
+      TorchCompileUnavailable: 'compiled' where inductor finds no C++ compiler.
+    """
     import torch
 
     from jaxrepro import config as config_lib
     from jaxrepro.compare import torch_resnet
 
+    if variant not in ("", *TORCH_VARIANTS):
+        raise ValueError(f"unknown PyTorch variant {variant!r}; known: {TORCH_VARIANTS}")
+    info = {"variant": variant or "eager", "layout": "NCHW (contiguous)"}
+    if variant == "compiled":
+        info["compiler"] = _cxx_compiler()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     opt_cfg = config_lib.base().optimizer
     model = torch_resnet.build(arch, num_classes)
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=opt_cfg.lr, betas=(opt_cfg.b1, opt_cfg.b2),
-                           eps=opt_cfg.eps)  # fmt: skip
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, image_size, image_size, generator=g)
     y = torch.randint(0, num_classes, (batch,), generator=g)
+    if variant in TORCH_VARIANTS:  # both: channels_last
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+        info["layout"] = "NHWC (channels_last)"
+    opt = torch.optim.Adam(model.parameters(), lr=opt_cfg.lr, betas=(opt_cfg.b1, opt_cfg.b2),
+                           eps=opt_cfg.eps)  # fmt: skip
+    forward = model
+    if variant == "compiled":
+        info["compile_cache"] = _fresh_inductor_cache()
+        forward = torch.compile(model)
 
     def run():
         opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss = torch.nn.functional.cross_entropy(forward(x), y)
         loss.backward()
         opt.step()
 
-    return run, {"threads": torch.get_num_threads(), "layout": "NCHW (contiguous)"}
+    if variant == "compiled":
+        start = time.perf_counter()
+        run()
+        info["compile_s"] = time.perf_counter() - start
+    info["threads"] = torch.get_num_threads()
+    return run, info
+
+
+def _cxx_compiler() -> str:
+    """The C++ compiler inductor would use for CPU kernels (``CXX`` or its search list)."""
+    try:
+        from torch._inductor import cpp_builder
+
+        return cpp_builder.get_cpp_compiler()
+    except Exception as e:  # inductor raises its own InvalidCxxCompiler, or an ImportError
+        raise TorchCompileUnavailable(f"no C++ compiler for torch.compile: {e}") from e
+
+
+def _fresh_inductor_cache() -> str:
+    """Points inductor's cache at a new directory (removed at exit): a cold compile."""
+    import atexit
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="jaxrepro-inductor-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    return "fresh (a cold compile)"
 
 
 # ----------------------------------------------------------------------------- step
@@ -217,11 +287,19 @@ def bench_shape(opts, image_size, batch, peak_gflops) -> dict:
         runners[name], infos[name] = jax_step_runner(
             opts["arch"], image_size, batch, opts["classes"], conv_impl, bn_impl, tail
         )
+    skipped = {}
     if opts["torch"]:
         threads = opts["threads"] or machine.cpu_threads()
-        runners["torch"], infos["torch"] = torch_step_runner(
-            opts["arch"], image_size, batch, opts["classes"], threads
-        )
+        for variant in ("", *torch_variants(opts)):
+            name = f"torch[{variant}]" if variant else "torch"
+            try:
+                runners[name], infos[name] = torch_step_runner(
+                    opts["arch"], image_size, batch, opts["classes"], threads, variant
+                )
+            except Exception as e:  # torch.compile: no compiler, or its own error
+                if variant != "compiled":
+                    raise
+                skipped[name] = f"{type(e).__name__}: {str(e)[:1000]}"
     alternate(runners, 1, opts["warmup"])  # first steps: allocation, caches, oneDNN plans
     cpu = {}
     times = alternate(runners, opts["rounds"], opts["iters"], cpu, opts["settle"])
@@ -234,12 +312,43 @@ def bench_shape(opts, image_size, batch, peak_gflops) -> dict:
         s["cpu_s_median"] = statistics.median(t for r in cpu[name] for t in r)
         s["images_per_cpu_s"] = batch / s["cpu_s_median"]
         row[name] = {**infos[name], **s}
+    for name, why in skipped.items():
+        row[name] = {"skipped": why}
     if "torch" in times:
-        ratios = round_ratios(times["jax"], times["torch"])  # torch time / jax time
-        row["ratio_jax_over_torch"] = statistics.median(ratios)
-        row["ratio_per_round"] = ratios
-        row["ratio_of_medians"] = row["jax"]["images_per_s"] / row["torch"]["images_per_s"]
+        row.update(headline(row, times))
     return row
+
+
+def headline(row: dict, times: dict) -> dict:
+    """JAX against the fastest PyTorch variant (by median step time), the others beside it.
+
+    ``ratio_jax_over_torch``: the median over rounds of the per-round ratio (PyTorch's
+    median step time over JAX's) against that variant, ``torch_best``; every timed
+    variant's own is in ``ratios_by_torch_variant``.
+    """
+    torches = [n for n in times if n == "torch" or n.startswith("torch[")]
+    best = min(torches, key=lambda n: row[n]["step_s_median"])
+    by_variant = {n: statistics.median(round_ratios(times["jax"], times[n])) for n in torches}
+    ratios = round_ratios(times["jax"], times[best])  # torch time / jax time
+    return {
+        "torch_best": best,
+        "ratio_jax_over_torch": statistics.median(ratios),
+        "ratio_per_round": ratios,
+        "ratio_of_medians": row["jax"]["images_per_s"] / row[best]["images_per_s"],
+        "ratios_by_torch_variant": by_variant,
+    }
+
+
+def torch_variants(opts) -> list[str]:
+    """The PyTorch variants timed beside the default (eager NCHW), checked."""
+    out = [v for v in opts["torch_variants"].split(",") if v]
+    unknown = [v for v in out if v not in TORCH_VARIANTS]
+    if unknown:
+        raise ValueError(
+            f"bench option torch_variants={opts['torch_variants']!r}: unknown {unknown}; "
+            f"known: {', '.join(TORCH_VARIANTS)} (the eager NCHW default is always timed)"
+        )
+    return out
 
 
 def bench_step(opts: dict) -> dict:
@@ -255,10 +364,29 @@ def bench_step(opts: dict) -> dict:
         bench_shape(opts, s, b, peak["peak_gflops"]) for s, b in zip(sizes, batches, strict=True)
     ]
     machine["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    machine.update(load_verdict(machine))
     return {
         "kind": "step", "options": opts, "machine": machine, "versions": versions(),
         "matmul_peak": peak, "shapes": rows, "flops_definition": FLOPS_DEFINITION,
     }  # fmt: skip
+
+
+def load_verdict(info: dict, cpus: int | None = None) -> dict:
+    """Whether the machine was busy: a 1-minute load average, at the start or the end,
+    above 0.75 per CPU of the machine (``cpus``: os.cpu_count(); 1.5 on 2 CPUs; the load
+    is the whole machine's, also where the bench is pinned to fewer cores). Then the
+    absolute numbers are low and only the alternated, per-round ratios are comparable."""
+    cpus = cpus or os.cpu_count() or 1
+    threshold = 0.75 * cpus
+    load = max(info["loadavg"][0], info["loadavg_after"][0])
+    out = {"measured_under_load": load > threshold, "load_threshold": threshold}
+    if out["measured_under_load"]:
+        out["load_note"] = (
+            f"measured under load: 1-minute load average up to {load:.2f} on a "
+            f"{cpus}-CPU machine (threshold {threshold:.2f}); images/s are low, the "
+            "per-round ratios are what compares"
+        )
+    return out
 
 
 def _pinned_child(opts: dict) -> dict:
@@ -378,9 +506,15 @@ FLOPS_DEFINITION = (
 def _print_step(result: dict) -> None:
     for row in result["shapes"]:
         line = f"{row['image_size']}x{row['image_size']} batch {row['batch']}:"
-        for name in (k for k in row if k == "torch" or k.startswith("jax")):
-            if isinstance(row[name], dict):
+        for name in (k for k in row if k.startswith(("torch", "jax"))):
+            if isinstance(row[name], dict) and "images_per_s" in row[name]:
                 line += f"  {name} {row[name]['images_per_s']:.2f} img/s"
+                if "compile_s" in row[name] and name.startswith("torch"):
+                    line += f" (compile {row[name]['compile_s']:.0f} s)"
+            elif isinstance(row[name], dict) and "skipped" in row[name]:
+                line += f"  {name} skipped ({row[name]['skipped'][:80]})"
         if "ratio_jax_over_torch" in row:
-            line += f"  ratio {row['ratio_jax_over_torch']:.2f}"
+            line += f"  ratio {row['ratio_jax_over_torch']:.2f} against {row['torch_best']}"
         print(line)
+    if result["machine"].get("measured_under_load"):
+        print(result["machine"]["load_note"])

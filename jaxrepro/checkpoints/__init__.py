@@ -272,12 +272,24 @@ class Checkpoints:
             )
 
     # -- retention
-    def retain(self, keep_last: int, keep_every: int = 0, protected: Iterable[int] = ()) -> list:
-        """Deletes checkpoints no rule keeps; returns the deleted steps."""
+    def retain(
+        self,
+        keep_last: int,
+        keep_every: int = 0,
+        protected: Iterable[int] = (),
+        *,
+        before: Iterable[int] = (),
+    ) -> list:
+        """Deletes checkpoints no rule keeps; returns the deleted steps.
+
+        Kept: the last ``keep_last``, every multiple of ``keep_every``, the ``protected``
+        steps, and for each step of ``before`` (drop-off onsets) the last checkpoint
+        strictly before it, the one a replay of that drop-off starts from.
+        """
         steps = self.steps()
         keep = set(steps[-keep_last:]) if keep_last else set()
         keep |= {s for s in steps if keep_every and s % keep_every == 0}
-        keep |= set(protected)
+        keep |= set(protected) | protected_steps(steps, before)
         deleted = [s for s in steps if s not in keep]
         for s in deleted:
             self._mngr.delete(s)

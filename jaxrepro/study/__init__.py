@@ -259,7 +259,7 @@ def run_study(
     disk_info["line"] = disk.summary_line(disk_info)
     summary["disk"] = disk_info
     if spec.design == "arms":
-        summary["arms"] = _arms_summary(spec, runs)
+        summary["arm_runs"] = _arms_summary(spec, runs)
     end = dict(session, code_at_end=source_hash(), wall_s=round(time.time() - t0, 1))
     sessions = _session(out, end)
     summary["sessions"] = sessions

@@ -74,21 +74,23 @@ class Record:
       ws: its ``Workdir``.
       start: the first step this session runs; ``how``: 'init' | 'resume' | 'origin'.
       restored_phase: the phase of the state it starts from.
-      history: rows before the metrics file's own (a branch's original rows before its
-        restore step: the detector judges its first steps against them).
       nonfinite: the non-finite steps counted so far (the state's own count).
     """
 
-    def __init__(self, setup, ws, *, start: int, how: str, restored_phase, history, nonfinite):
+    def __init__(self, setup, ws, *, start: int, how: str, restored_phase, nonfinite):
         self.config = setup.config
         self.setup = setup
         self.ws = ws
+        self.start = start
         self.primary = parallel.is_primary()
         self.block = FETCH_BLOCK
         self.metrics = open_metrics(
             ws, self.primary, None if how == "init" else start, restored_phase
         )
         self.detector = dropoff_lib.OnlineDetector(self.config.dropoff)
+        # A branch judges its first steps against the original's recent past, so a
+        # drop-off just after the restore step is seen as in the original run.
+        history = setup.origin.history if how == "origin" else ()
         for row in [*history, *self.metrics.rows]:  # the detector: a function of the history
             self.detector.update(row)
         self.events = self._open_events(start, how)
@@ -97,6 +99,10 @@ class Record:
         self.stop_at = None  # policy 'stop': the step after the first non-finite one
         self.last_train = None
         self.input_stats = {}  # phase -> [sum of means, sum of stds, count]
+        self.t_first = None  # when the session's first step was done (rates count from it)
+        self.last_print = 0.0
+        self.next_beat = time.perf_counter() + self.config.runtime.heartbeat_every_s
+        self.heartbeat(start, None)
 
     # -- rows
     def dispatched(self, phase, step: int, epoch: int, metrics) -> None:
@@ -172,6 +178,31 @@ class Record:
         if self.events is not None:
             self.events.flush()
 
+    def dropoff_steps(self) -> list[int]:
+        """The onsets of the drop-offs so far, an unconfirmed episode's included (the
+        checkpoint before each is kept for its replay)."""
+        steps = [e["step"] for e in self.detector.events]
+        pending = self.detector.pending_from()
+        if pending is not None:
+            steps.append(pending)
+        return steps
+
+    def stepped(self, phase, s: int) -> None:
+        """Steps up to ``s`` are dispatched: a progress line and a heartbeat when due.
+
+        Rates count from the session's first step done, so its compile is not in them.
+        """
+        done, now = s - self.start, time.perf_counter()
+        if done == 1:
+            self.t_first = now
+        elif now - self.last_print > self.config.runtime.progress_every_s:
+            self.last_print = now
+            self.progress(phase, s, done - 1, now - self.t_first)
+            self.flush_events()
+        if now >= self.next_beat and done > 1:  # off the hot path: every few seconds
+            self.next_beat = now + self.config.runtime.heartbeat_every_s
+            self.heartbeat(s, (done - 1) / max(now - self.t_first, 1e-9))
+
     def heartbeat(self, step: int, rate: float | None) -> None:
         """heartbeat.json: who runs this workdir, and how fast (``jaxrepro status``)."""
         if not self.primary:
@@ -220,6 +251,18 @@ class Record:
         if self.primary:
             beat = self.ws.read_heartbeat() or {}
             self.ws.write_heartbeat(dict(beat, ended=time.time(), step=int(step), exit=status))
+
+    def summary(self) -> dict:
+        """run.json's account of the session's record: inputs, non-finite steps, drop-offs."""
+        stats, warnings = self.input_report()
+        return dict(
+            input_stats=stats,
+            warnings=warnings,
+            # Counted as the steps were read: a diverged run's no-op steps after its stop
+            # (dispatched before the host read the stop) are not part of its record.
+            nonfinite_steps=self.nonfinite,
+            dropoff_count=len(self.detector.events),
+        )
 
     # -- input statistics
     def _accumulate_inputs(self, phase: str, m):

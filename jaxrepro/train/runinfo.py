@@ -148,6 +148,14 @@ def start_record(previous: dict, setup, state, start: int, how: str) -> dict:
     return info
 
 
+def end_hashes(state) -> dict:
+    """run.json's hashes of a finished (done or diverged) run's final state."""
+    return {
+        "final_param_hash": hashing.tree_hash(state.params),
+        "final_state_hash": hashing.tree_hash((state.params, state.batch_stats, state.opt_state)),
+    }
+
+
 def _resume_record(before: dict | None, platform: dict, start: int) -> dict:
     resume = {"from_step": start, "time": time.time()}
     diffs = (

@@ -14,10 +14,12 @@ import logging
 import jax
 import numpy as np
 
+from jaxrepro import config as config_lib
 from jaxrepro import data as data_lib
 from jaxrepro import parallel, rng
+from jaxrepro.checkpoints import Checkpoints
 from jaxrepro.data import order as order_lib
-from jaxrepro.errors import ConfigError
+from jaxrepro.errors import CheckpointError, ConfigError
 from jaxrepro.train import state as state_lib
 from jaxrepro.train.step import step_controls
 from jaxrepro.workdir import shown
@@ -110,6 +112,16 @@ class Origin:
     info: dict = dataclasses.field(default_factory=dict)
     history: tuple = ()  # the original's metric rows before ``step`` (detector context)
     config: dict | None = None  # the original's config.json (its optimizer's structure)
+
+
+def claimed_config(config, origin: Origin | None) -> dict:
+    """config.json of a run: the config, and a branch's origin (another origin is refused)."""
+    claimed = config_lib.to_dict(config)
+    if origin is not None:
+        claimed["replay"] = dict(
+            origin.info, from_step=origin.step, until=origin.until, skip_batches=origin.skip_batches
+        )
+    return claimed
 
 
 class RunSetup:
@@ -207,6 +219,19 @@ class RunSetup:
 
         stored = {k: v for k, v in recorded.items() if k != "replay"}
         return optimizer_lib.build(config_lib.from_dict(stored), phase.name, phase.steps)
+
+    def restore_origin(self):
+        """(state, its phase name) of the origin's checkpoint, read from the original run."""
+        origin = self.origin
+        src = Checkpoints(origin.checkpoint_dir, read_only=True)
+        try:
+            if origin.step not in src.steps():
+                raise CheckpointError(
+                    f"no checkpoint {origin.step} in {src.directory} (have {src.steps()})"
+                )
+            return self.restore(src, origin.step, recorded=origin.config)
+        finally:
+            src.close()
 
     # -- keys
     def keys(self, phase):
