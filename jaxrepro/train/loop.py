@@ -204,6 +204,7 @@ class Training:
             return self._loop(state, state_phase, start, stop_after)
         finally:
             self.record.close_events()
+            self.record.close_progress()
 
     # -- the loop
     def _loop(self, state, state_phase, start, stop_after) -> dict:
@@ -250,8 +251,7 @@ class Training:
                 if done_steps == 1:
                     t_first = now  # steps/s from here on: compile time is reported apart
                 elif now - last_print > c.runtime.progress_every_s:
-                    last_print = now
-                    record.progress(phase, s, done_steps - 1, now - t_first)
+                    last_print = now  # progress itself is reported as metrics are read
                     record.flush_events()
                 if now >= next_beat and done_steps > 1:  # off the hot path: every few s
                     next_beat = now + beat_every
