@@ -167,6 +167,10 @@ def test_bench_e2e_tensorboard_on_off_side_by_side(tmp_path, data_dir):
     assert result["on_over_off"] == pytest.approx(statistics.median(ratios))
     assert result["on_over_off_spread"] == pytest.approx([min(ratios), max(ratios)])
     assert all(r["status"] == "done" and r["window"] == "evals at steps 4..9" for r in on + off)
+    # the writer's own time: some in each run that writes, none where it is off
+    assert all(r["event_writer_s"]["calls"] > 0 and r["event_writer_s"]["wall_s"] > 0 for r in on)
+    assert all(r["event_writer_s"] == {"wall_s": 0.0, "cpu_s": 0.0, "calls": 0} for r in off)
+    assert 0 < result["event_writer_share_of_run"] < 1
 
 
 def test_bench_checkpoint_smoke(data_dir):

@@ -416,7 +416,9 @@ def bench_e2e_tensorboard(opts: dict) -> dict:
             )
             for name in ("on", "off") if r % 2 == 0 else ("off", "on"):
                 run_dir = os.path.join(tmp, f"{name}{r}")
-                row = _run_timed(configs[name], run_dir, opts["warmup"])
+                with _event_writer_time() as writer_s:
+                    row = _run_timed(configs[name], run_dir, opts["warmup"])
+                row["event_writer_s"] = writer_s  # the time inside the writer's methods
                 row.pop("entries", None)
                 row.pop("eval_marks", None)
                 row["event_files"] = len(tbevents.event_files(run_dir))
@@ -424,6 +426,9 @@ def bench_e2e_tensorboard(opts: dict) -> dict:
                 rounds[name].append(row)
                 shutil.rmtree(run_dir, ignore_errors=True)
     on, off, bare = rounds["on"], rounds["off"], rounds["bare"]
+    # The writer's own time against the run's: a direct measure that the machine's load
+    # does not blur as it does the ratio of two runs' rates.
+    writer_share = [x["event_writer_s"]["wall_s"] / x["total_s"] for x in on if x["total_s"] > 0]
     pairs = list(zip(on, off, strict=True))
     wall = [o["steps_per_s_excl_eval"] / n["steps_per_s_excl_eval"] for n, o in pairs]
     cpu = [n["cpu_s_per_step_excl_eval"] / o["cpu_s_per_step_excl_eval"] for n, o in pairs]
@@ -449,9 +454,48 @@ def bench_e2e_tensorboard(opts: dict) -> dict:
                                  for x, b in zip(rows, bare, strict=True))
             for k, rows in (("on", on), ("off", off))
         },
+        "event_writer_share_of_run": statistics.median(writer_share),
+        "event_writer_s_per_run": statistics.median(x["event_writer_s"]["wall_s"] for x in on),
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "rounds": rounds,
     }  # fmt: skip
+
+
+@contextlib.contextmanager
+def _event_writer_time():
+    """Wall and CPU seconds spent inside ``tbevents.EventWriter``'s methods (opening,
+    adding rows, encoding and writing at flushes, closing) while the block runs."""
+    from jaxrepro import tbevents
+
+    cls = tbevents.EventWriter
+    spent = {"wall_s": 0.0, "cpu_s": 0.0, "calls": 0}
+    names = ("__init__", "add_row", "add_dropoff", "flush", "close")
+    real = {n: cls.__dict__[n] for n in names}
+
+    depth = [0]  # __init__ and close call flush: only the outermost call counts
+
+    def timed(fn):
+        def wrapper(*a, **kw):
+            depth[0] += 1
+            t0, c0 = time.perf_counter(), time.thread_time()
+            try:
+                return fn(*a, **kw)
+            finally:
+                depth[0] -= 1
+                if not depth[0]:
+                    spent["wall_s"] += time.perf_counter() - t0
+                    spent["cpu_s"] += time.thread_time() - c0
+                    spent["calls"] += 1
+
+        return wrapper
+
+    for n, fn in real.items():
+        setattr(cls, n, timed(fn))
+    try:
+        yield spent
+    finally:
+        for n, fn in real.items():
+            setattr(cls, n, fn)
 
 
 def _e2e_config(opts: dict, checkpoint_every: int | None = None):
