@@ -202,6 +202,11 @@ def test_study_line_from_synthetic_heartbeats(tmp_path, caplog):
         "study: 2/6 runs done, 2 running, 1 left, 1 failed | ETA 3m08s | "
         "aug2 pretrain step 50/250 (2.50 steps/s), aug3 starting"
     )
+    # a branch that could not run (its baseline failed) is skipped, not failed
+    skipped = dict(exited, aug4=("skipped: baseline aug1 failed", 0.0))
+    assert study_progress.format_line(p.state([], running, skipped, clock())).startswith(
+        "study: 2/6 runs done, 2 running, 0 left, 1 failed, 1 skipped | ETA 1m40s"
+    )
     with caplog.at_level(logging.INFO, logger="jaxrepro"):
         for t in (5010.0, 5029.0, 5031.0, 5040.0, 5062.0):
             clock.t = t
