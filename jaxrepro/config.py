@@ -28,6 +28,7 @@ REMAINDERS = ("drop", "stream")
 NONFINITE_POLICIES = ("stop", "skip")
 CORRUPT_POLICIES = ("error", "skip")  # jaxrepro.data.sources.CORRUPT_POLICIES
 DTYPES = ("float32", "bfloat16")
+PROGRESS_MODES = ("auto", "bar", "lines", "off")  # jaxrepro.train.progress
 # Fields that may differ between a workdir's stored config and a resuming one, because
 # they do not change the trajectory (where data is cached, how often we print).
 NON_SEMANTIC_FIELDS = ("data.data_dir", "runtime", "checkpoint", "dropoff", "diagnose")
@@ -249,6 +250,7 @@ def validate(config) -> None:
     _validate_dropoff(config)
     _validate_parallel(config)
     _number(config, "runtime.progress_every_s", lo=0, lo_open=True)
+    _choice(config, "runtime.progress", PROGRESS_MODES)
     _number(config, "runtime.heartbeat_every_s", lo=0, lo_open=True)
     _check_type(_require(config, "runtime.tensorboard"), bool, "runtime.tensorboard")
     _validate_runtime(config)
@@ -479,6 +481,11 @@ def base() -> ml_collections.ConfigDict:
     c.diagnose.window = 10
 
     c.runtime = ml_collections.ConfigDict()  # does not change the trajectory
+    # Progress of train, replay and diagnose: 'auto' draws a bar (steps/s, ETA) when stderr
+    # is a terminal and logs a line every `progress_every_s` seconds when it is not;
+    # 'bar', 'lines', 'off' force one (jaxrepro.train.progress). `jaxrepro study` logs its
+    # runs' progress every `progress_every_s` too.
+    c.runtime.progress = "auto"
     c.runtime.progress_every_s = 10.0
     # TensorBoard event files in WORKDIR/tb (jaxrepro.tbevents); false: none are written.
     c.runtime.tensorboard = True

@@ -3,6 +3,14 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The suite compiles hundreds of small programs and runs few steps of each: LLVM's
+# optimisation level 0 compiles them in less than half the CPU time. The bits of a test's
+# runs are compared with each other, all under this one setting (child processes inherit
+# it); tests of the production settings' bits (tests/test_pinned.py, the layout checks of
+# tests/test_invariant.py) start their processes without it.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 import tempfile  # noqa: E402
 

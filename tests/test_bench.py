@@ -54,6 +54,8 @@ def test_cli_errors_name_the_problem(tmp_path):
         bench.main(["startup", "init=lazy"], _flags(tmp_path))
     with pytest.raises(JaxreproError, match="conv_impl/bn_impl"):
         bench.main(["step", "variants=matmul/flax/fast"], _flags(tmp_path))
+    with pytest.raises(JaxreproError, match="compare='tb'; valid: '' or tensorboard"):
+        bench.main(["e2e", "compare=tb"], _flags(tmp_path))
     assert not os.path.exists(tmp_path / "step.json")
 
 
@@ -240,6 +242,30 @@ def test_bench_e2e_smoke(tmp_path, data_dir):
     assert result["replay_over_original"] == pytest.approx(
         rep["replay_total_s"] / rep["original_steps_s"]
     )
+
+
+@pytest.mark.slow  # a benchmark's smoke run: make test-slow
+def test_bench_e2e_tensorboard_on_off_side_by_side(tmp_path, data_dir):
+    opts = dict(bench_runs.E2E_DEFAULTS, config=SMOKE, steps=9, warmup=2, rounds=2,
+                data_dir=data_dir, set="checkpoint.every=4;pretrain.eval_every=4",
+                compare="tensorboard")  # fmt: skip
+    result = bench_runs.bench_e2e(opts)
+    assert result["kind"] == "e2e_tensorboard"
+    on, off = result["rounds"]["on"], result["rounds"]["off"]
+    assert len(on) == len(off) == len(result["rounds"]["bare"]) == 2
+    # event files only where they are on; the order alternates round by round
+    assert all(r["event_files"] == 1 for r in on) and all(r["event_files"] == 0 for r in off)
+    assert [r["order"] for r in on] == [0, 1] and [r["order"] for r in off] == [1, 0]
+    pairs = zip(on, off, strict=True)
+    ratios = [o["steps_per_s_excl_eval"] / n["steps_per_s_excl_eval"] for n, o in pairs]
+    assert result["on_over_off_per_round"] == pytest.approx(ratios)
+    assert result["on_over_off"] == pytest.approx(statistics.median(ratios))
+    assert result["on_over_off_spread"] == pytest.approx([min(ratios), max(ratios)])
+    assert all(r["status"] == "done" and r["window"] == "evals at steps 4..9" for r in on + off)
+    # the writer's own time: some in each run that writes, none where it is off
+    assert all(r["event_writer_s"]["calls"] > 0 and r["event_writer_s"]["wall_s"] > 0 for r in on)
+    assert all(r["event_writer_s"] == {"wall_s": 0.0, "cpu_s": 0.0, "calls": 0} for r in off)
+    assert 0 < result["event_writer_share_of_run"] < 1
 
 
 def test_bench_checkpoint_smoke(data_dir):

@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -136,6 +138,34 @@ def test_a_lower_learning_rate_is_reported_as_a_remedy_arm(batch_run, monkeypatc
     ]
     train = [r for r in lr_rows if r["kind"] == "train"]
     assert train and all(r["lr"] == pytest.approx(0.5 * 3e-3) for r in train)
+
+
+def test_diagnosis_reports_progress_as_blocks_are_read_and_stays_bitwise(
+    batch_run, tmp_path, monkeypatch, caplog
+):
+    """One arm of 30 steps (70..100): its metrics are read in blocks (at the eval at 80,
+    8 steps once 16 are in flight, the rest at the end), each read is a progress line, and
+    the exact arm is still the run bit for bit."""
+    path, corrupted = batch_run
+    monkeypatch.setattr(sources_lib.Source, "get", corrupted)
+    run = str(tmp_path / "run")
+    shutil.copytree(path, run, ignore=shutil.ignore_patterns(engine.DIR))
+    config_path = os.path.join(run, "config.json")
+    with open(config_path) as f:
+        stored = json.load(f)
+    stored["runtime"].update(progress="lines", progress_every_s=1e-9)  # not the trajectory
+    with open(config_path, "w") as f:
+        json.dump(stored, f)
+    index = _planted_event(run)
+    with caplog.at_level(logging.INFO, logger="jaxrepro"):
+        (d,) = engine.diagnose(run, dropoff=index, arms="exact", after=30)
+    assert d["restore_step"] == 70 and d["until"] == 100 and d["exact_bitwise"] is True
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("diagnose ")]
+    # the first read (at the eval at 80) anchors the rate; the later ones are lines
+    assert [x.split(" | ")[0] for x in lines] == [
+        f"diagnose {index}: step 18/30 (arm exact, step 88/100)",
+        f"diagnose {index}: step 30/30 (arm exact, step 100/100)",
+    ]
 
 
 # ----------------------------------------------------------------------------- aug-driven

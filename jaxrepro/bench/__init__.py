@@ -69,7 +69,9 @@ def main(args: list[str], FLAGS) -> int:  # noqa: N803 - absl's name
         except ValueError as e:
             raise JaxreproError(str(e)) from e
         cores = result.get("options", {}).get("cores", 0)
-        path = os.path.join(out, f"{name}_cores{cores}.json" if cores else f"{name}.json")
+        # a variant of a benchmark is its own file (e2e compare=tensorboard: e2e_tensorboard)
+        stem = result["kind"] if str(result.get("kind", "")).startswith(f"{name}_") else name
+        path = os.path.join(out, f"{stem}_cores{cores}.json" if cores else f"{stem}.json")
         if name == "detector":
             result = _detector_record(path, result, words)
         jsonio.write_json(path, recorded(result))
@@ -172,3 +174,8 @@ def _validate_words(sub: str, words: list[str]) -> None:
         torch_variants(opts)
     if sub == "speed":
         bench_speed.settings(opts)
+    if sub == "e2e" and opts["compare"] not in bench_runs.E2E_COMPARE:
+        raise ValueError(
+            f"bench option compare={opts['compare']!r}; valid: '' or "
+            + ", ".join(c for c in bench_runs.E2E_COMPARE if c)
+        )

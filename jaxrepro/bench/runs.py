@@ -54,7 +54,11 @@ E2E_DEFAULTS = {
     "rounds": 5,  # a round's efficiency scatters by +-6 % on a shared 2-core machine
     "replay_from": 0,  # 0: the last checkpoint before the end
     "data_dir": "",
+    # '': the variants above; 'tensorboard': runs with event files on and off, side by
+    # side (e2e_tensorboard.json)
+    "compare": "",
 }
+E2E_COMPARE = ("", "tensorboard")
 CHECKPOINT_DEFAULTS = {"config": "configs/digits.py", "set": "", "rounds": 4, "data_dir": ""}
 MEMORY_DEFAULTS = {"configs": "configs/digits.py:smoke,configs/digits.py", "data_dir": ""}
 INIT_CHOICES = ("module", "fast", "both")
@@ -73,6 +77,7 @@ def load_config(path_arg: str, overrides: str, data_dir: str):
     if data_dir:
         config.data.data_dir = data_dir
     config.runtime.progress_every_s = 1e9  # no progress lines in measurements
+    config.runtime.progress = "off"  # nor a bar
     return config
 
 
@@ -354,7 +359,8 @@ def bare_step_rate(config, workdir: str, steps: int, warmup: int) -> dict:
 
 
 def bench_e2e(opts: dict) -> dict:
-    """Real runs vs the bare step, checkpoint overhead and replay cost, alternated."""
+    """Real runs vs the bare step, checkpoint overhead and replay cost, alternated; with
+    ``compare=tensorboard``, runs with event files on and off instead."""
     from jaxrepro import replay
 
     if opts["warmup"] < 1 or opts["steps"] < opts["warmup"] + 2:
@@ -362,6 +368,12 @@ def bench_e2e(opts: dict) -> dict:
             f"bench options need warmup >= 1 and steps > warmup + 1, got warmup="
             f"{opts['warmup']}, steps={opts['steps']}"
         )
+    if opts["compare"] not in E2E_COMPARE:
+        raise ValueError(f"bench option compare={opts['compare']!r}; valid: '' or tensorboard")
+    if opts["rounds"] < 1:
+        raise ValueError(f"bench option rounds must be >= 1, got {opts['rounds']}")
+    if opts["compare"] == "tensorboard":
+        return bench_e2e_tensorboard(opts)
     config = _e2e_config(opts)
     no_ckpt = _e2e_config(opts, checkpoint_every=0)
     rounds = {"bare": [], "run": [], "run_no_checkpoints": [], "replay": []}
@@ -377,6 +389,113 @@ def bench_e2e(opts: dict) -> dict:
             rounds["replay"].append(_replay_timed(replay, run_dir, rounds["run"][-1], opts))
             shutil.rmtree(run_dir, ignore_errors=True)
     return _e2e_summary(opts, config, rounds)
+
+
+def bench_e2e_tensorboard(opts: dict) -> dict:
+    """The same run with ``runtime.tensorboard`` on and off, side by side.
+
+    Each round measures the bare step, then both runs, in the order on, off in even rounds
+    and off, on in odd ones, so a drift of the machine's load weighs on both alike. The
+    ratio is time per step with event files over time per step without (> 1: what they
+    cost), per round and as the median, from the steps between evals (the event files'
+    flushes after each eval and before each checkpoint included) and from CPU time.
+    """
+    from jaxrepro import tbevents
+    from jaxrepro.bench.common import machine_info
+
+    configs = {}
+    for name, on in (("on", True), ("off", False)):
+        configs[name] = _e2e_config(opts)
+        configs[name].runtime.tensorboard = on
+    rounds = {"bare": [], "on": [], "off": []}
+    with tempfile.TemporaryDirectory(prefix="jaxrepro-e2e-tb-") as tmp:
+        for r in range(opts["rounds"]):
+            bare_dir = os.path.join(tmp, f"bare{r}")
+            rounds["bare"].append(
+                bare_step_rate(configs["on"], bare_dir, opts["steps"], opts["warmup"])
+            )
+            for name in ("on", "off") if r % 2 == 0 else ("off", "on"):
+                run_dir = os.path.join(tmp, f"{name}{r}")
+                with _event_writer_time() as writer_s:
+                    row = _run_timed(configs[name], run_dir, opts["warmup"])
+                row["event_writer_s"] = writer_s  # the time inside the writer's methods
+                row.pop("entries", None)
+                row.pop("eval_marks", None)
+                row["event_files"] = len(tbevents.event_files(run_dir))
+                row["order"] = 0 if (name == "on") == (r % 2 == 0) else 1
+                rounds[name].append(row)
+                shutil.rmtree(run_dir, ignore_errors=True)
+    on, off, bare = rounds["on"], rounds["off"], rounds["bare"]
+    # The writer's own time against the run's: a direct measure that the machine's load
+    # does not blur as it does the ratio of two runs' rates.
+    writer_share = [x["event_writer_s"]["wall_s"] / x["total_s"] for x in on if x["total_s"] > 0]
+    pairs = list(zip(on, off, strict=True))
+    wall = [o["steps_per_s_excl_eval"] / n["steps_per_s_excl_eval"] for n, o in pairs]
+    cpu = [n["cpu_s_per_step_excl_eval"] / o["cpu_s_per_step_excl_eval"] for n, o in pairs]
+    config = configs["on"]
+    return {
+        "kind": "e2e_tensorboard", "options": opts, "machine": machine_info(),
+        "config": {"model": config.model.name, "image_size": config.data.image_size,
+                   "batch_size": config.pretrain.batch_size,
+                   "checkpoint_every": config.checkpoint.every,
+                   "eval_every": config.pretrain.eval_every},
+        # time per step with event files / without: > 1 is what they cost
+        "on_over_off": statistics.median(wall),
+        "on_over_off_per_round": wall,
+        "on_over_off_spread": [min(wall), max(wall)],
+        "on_over_off_cpu": statistics.median(cpu),
+        "on_over_off_cpu_per_round": cpu,
+        "steps_per_s_excl_eval": {k: _median(v, "steps_per_s_excl_eval") for k, v in
+                                  (("on", on), ("off", off))},
+        "bare_steps_per_s": _median(bare, "steps_per_s"),
+        # run / bare step, per round (the efficiency of bench e2e) for each
+        "efficiency_excl_eval": {
+            k: statistics.median(x["steps_per_s_excl_eval"] / b["steps_per_s"]
+                                 for x, b in zip(rows, bare, strict=True))
+            for k, rows in (("on", on), ("off", off))
+        },
+        "event_writer_share_of_run": statistics.median(writer_share),
+        "event_writer_s_per_run": statistics.median(x["event_writer_s"]["wall_s"] for x in on),
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "rounds": rounds,
+    }  # fmt: skip
+
+
+@contextlib.contextmanager
+def _event_writer_time():
+    """Wall and CPU seconds spent inside ``tbevents.EventWriter``'s methods (opening,
+    adding rows, encoding and writing at flushes, closing) while the block runs."""
+    from jaxrepro import tbevents
+
+    cls = tbevents.EventWriter
+    spent = {"wall_s": 0.0, "cpu_s": 0.0, "calls": 0}
+    names = ("__init__", "add_row", "add_dropoff", "flush", "close")
+    real = {n: cls.__dict__[n] for n in names}
+
+    depth = [0]  # __init__ and close call flush: only the outermost call counts
+
+    def timed(fn):
+        def wrapper(*a, **kw):
+            depth[0] += 1
+            t0, c0 = time.perf_counter(), time.thread_time()
+            try:
+                return fn(*a, **kw)
+            finally:
+                depth[0] -= 1
+                if not depth[0]:
+                    spent["wall_s"] += time.perf_counter() - t0
+                    spent["cpu_s"] += time.thread_time() - c0
+                    spent["calls"] += 1
+
+        return wrapper
+
+    for n, fn in real.items():
+        setattr(cls, n, timed(fn))
+    try:
+        yield spent
+    finally:
+        for n, fn in real.items():
+            setattr(cls, n, fn)
 
 
 def _e2e_config(opts: dict, checkpoint_every: int | None = None):

@@ -43,7 +43,8 @@ from jaxrepro.plumbing import jsonio
 from jaxrepro.train import runinfo
 from jaxrepro.train.evaluation import Evaluator
 from jaxrepro.train.programs import Programs
-from jaxrepro.train.record import is_logged, train_row
+from jaxrepro.train.progress import Progress
+from jaxrepro.train.record import FETCH_BLOCK, is_logged, train_row
 from jaxrepro.train.setup import RunSetup
 from jaxrepro.train.step import step_controls, unpack_metrics
 from jaxrepro.workdir import Workdir
@@ -133,8 +134,14 @@ class ArmRunner:
             return self.evaluator.evaluate(self.phase, state0, restore)
         return []
 
-    def run(self, state0, arm, restore: int, until: int, onset: int, first=()) -> list[dict]:
-        """The rows of ``arm`` from ``restore`` to ``until``; ``first``: ``warm``'s rows."""
+    def run(
+        self, state0, arm, restore: int, until: int, onset: int, first=(), progress=None
+    ) -> list[dict]:
+        """The rows of ``arm`` from ``restore`` to ``until``; ``first``: ``warm``'s rows.
+
+        Metrics are read in blocks, as the loop's record reads them; ``progress(step)``
+        (optional) is told each time a block has been read.
+        """
         setup, phase = self.setup, self.phase
         par = setup.par
         aug_root = self.aug_root
@@ -146,9 +153,11 @@ class ArmRunner:
         rows, pending, stopped = [], [], False
         policy = setup.config.train.nonfinite_policy
 
-        def read():
+        def read(count=None):
             nonlocal stopped
-            for s, epoch, m in pending:
+            block = pending[:count] if count is not None else list(pending)
+            del pending[: len(block)]
+            for s, epoch, m in block:
                 if stopped:
                     break
                 m = unpack_metrics(np.asarray(m))
@@ -156,7 +165,8 @@ class ArmRunner:
                     stopped = True
                 if is_logged(phase, s) or stopped:
                     rows.append(train_row(phase, s, epoch, m))
-            pending.clear()
+            if block and progress is not None:
+                progress(block[-1][0] + 1)
 
         for s in range(restore, until):
             if s == restore:
@@ -171,6 +181,8 @@ class ArmRunner:
             fn = self.programs.train_fn(phase, state, batch)
             state, m = fn(state, batch, *keys, controls)
             pending.append((s, epoch, m))
+            if len(pending) >= 2 * FETCH_BLOCK:
+                read(FETCH_BLOCK)  # while the newer steps compute
         read()
         if not stopped:
             rows.extend(self.evaluator.evaluate(phase, state, until))
@@ -324,19 +336,36 @@ def _diagnose_event(
     history = [r for r in original if r["step"] < restore]
     runner = ArmRunner(setup, programs, evaluator, phase)
     arm_rows, timing, first = {}, {"arms": {}, "setup_s": setup_s}, None
-    for arm in arm_list:
-        path = os.path.join(d, "arms", f"{arm.name}.jsonl")
-        if os.path.exists(path):  # finished before an interruption
-            arm_rows[arm.name] = jsonio.read_jsonl(path)
-            continue
-        if first is None:  # restore, compile and the restored state's eval: the fixed cost
-            first = runner.warm(state0, restore)
-            timing["fixed_s"] = round(time.perf_counter() - t0, 3)
-        start = time.perf_counter()
-        rows = runner.run(state0, arm, restore, until, onset, first)
-        timing["arms"][arm.name] = round(time.perf_counter() - start, 3)
-        jsonio.write_jsonl(path, rows)
-        arm_rows[arm.name] = rows
+    paths = {arm.name: os.path.join(d, "arms", f"{arm.name}.jsonl") for arm in arm_list}
+    todo = [arm for arm in arm_list if not os.path.exists(paths[arm.name])]
+    steps = until - restore
+    progress = Progress(
+        f"diagnose {index}",
+        0,
+        len(todo) * steps,
+        mode=config.runtime.progress,
+        every_s=config.runtime.progress_every_s,
+    )
+    try:
+        for arm in arm_list:
+            path = paths[arm.name]
+            if arm not in todo:  # finished before an interruption
+                arm_rows[arm.name] = jsonio.read_jsonl(path)
+                continue
+            if first is None:  # restore, compile and the restored state's eval: fixed cost
+                first = runner.warm(state0, restore)
+                timing["fixed_s"] = round(time.perf_counter() - t0, 3)
+            start, done = time.perf_counter(), todo.index(arm) * steps
+
+            def told(step, arm=arm, done=done):
+                progress.advance(done + step - restore, f"arm {arm.name}, step {step}/{until}")
+
+            rows = runner.run(state0, arm, restore, until, onset, first, told)
+            timing["arms"][arm.name] = round(time.perf_counter() - start, 3)
+            jsonio.write_jsonl(path, rows)
+            arm_rows[arm.name] = rows
+    finally:
+        progress.close()
     outcomes = [
         outcome(a, arm_rows[a.name], history, event, config.dropoff, window, restore, until)
         for a in arm_list

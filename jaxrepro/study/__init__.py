@@ -62,6 +62,7 @@ from jaxrepro.study.plan import (
     write_jobs,
 )
 from jaxrepro.study.pool import WAIT, StudyInterrupted, run_pool
+from jaxrepro.study.progress import StudyProgress
 
 __all__ = [
     "FINISHED",
@@ -228,10 +229,14 @@ def run_study(
         except JaxreproError as e:  # a checkpoint that cannot be listed: keep it, say so
             log.warning("study: checkpoints not pruned after %s: %s", run.name, e)
 
+    progress = StudyProgress(
+        out, [r.name for r in runs], session["skipped"], parallel, config.runtime.progress_every_s
+    )
     try:
         codes = run_pool(
-            out, todo, parallel, python, env, ready=_branch_ready(out, runs), on_exit=on_exit
-        )
+            out, todo, parallel, python, env, ready=_branch_ready(out, runs), on_exit=on_exit,
+            progress=progress,
+        )  # fmt: skip
     except BaseException:
         _session(out, dict(session, interrupted=True, wall_s=round(time.time() - t0, 1)))
         raise

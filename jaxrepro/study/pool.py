@@ -39,7 +39,15 @@ def _stop(running: dict) -> None:
 
 
 def run_pool(
-    out: str, runs: list[Run], parallel: int, python=None, env=None, *, ready=None, on_exit=None
+    out: str,
+    runs: list[Run],
+    parallel: int,
+    python=None,
+    env=None,
+    *,
+    ready=None,
+    on_exit=None,
+    progress=None,
 ) -> dict:
     """Runs ``runs`` as separate processes, ``parallel`` at a time; name -> exit code.
 
@@ -47,8 +55,11 @@ def run_pool(
     None (now), ``WAIT`` (a run it needs is still going), or why it cannot run at all;
     such a run is not started and its code is ``"skipped: WHY"``. ``on_exit(run, code)``
     is called as each run ends (a study frees the checkpoints it no longer needs).
+    ``progress(pending, running, exited)`` is called every time round the wait loop
+    (jaxrepro.study.progress): the names not started, name -> (start time, pid) of the
+    running runs, name -> (code, wall seconds) of the ended or skipped ones.
     """
-    pending, running, codes = list(runs), {}, {}
+    pending, running, codes, exited = list(runs), {}, {}, {}
     environ = dict(os.environ, **(env or {}))
     with SigtermFlag() as term:  # a cluster's preemption stops the pool cleanly
         try:
@@ -68,6 +79,7 @@ def run_pool(
                     pending.remove(run)
                     if why is not None:
                         codes[run.name] = f"skipped: {why}"
+                        exited[run.name] = (codes[run.name], 0.0)
                         log.warning("study: %s not run: %s", run.name, why)
                         continue
                     with open(log_path(out, run), "a") as logf:
@@ -82,15 +94,17 @@ def run_pool(
                 for name, (t0, proc, run) in list(running.items()):
                     if proc.poll() is not None:
                         codes[name] = proc.returncode
+                        exited[name] = (proc.returncode, time.time() - t0)
                         del running[name]
-                        log.info(
-                            "study: %s exited %d after %.0fs",
-                            name,
-                            proc.returncode,
-                            time.time() - t0,
-                        )
+                        log.info("study: %s exited %d after %.0fs", name, *exited[name])
                         if on_exit is not None:
                             on_exit(run, proc.returncode)
+                if progress is not None:
+                    progress(
+                        [r.name for r in pending],
+                        {n: (t0, p.pid) for n, (t0, p, _) in running.items()},
+                        exited,
+                    )
                 time.sleep(0.2)
         finally:
             _stop(running)

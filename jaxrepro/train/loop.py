@@ -146,6 +146,7 @@ class Training:
                 return self._loop(state, state_phase, start, stop_after)
             finally:
                 self.record.close_events()
+                self.record.close_progress()
         finally:
             self.feeder.close()
 

@@ -4,8 +4,9 @@ The loop hands each dispatched train step's metrics to ``Record.dispatched`` and
 eval's rows to ``Record.log_rows``. Train metrics are read late, in blocks: a host thread
 that wakes for every step costs the step's own threads ~3 ms a step on a 2-core CPU, one
 that wakes every 8 steps ~1 ms (results/bench/NOTES.md). Rows, drop-off events and the
-non-finite stop do not depend on the block (``flush``). Everything here runs on the host,
-off the compiled step; only process 0 writes files.
+non-finite stop do not depend on the block (``flush``); progress (jaxrepro.train.progress)
+is reported as each block is read. Everything here runs on the host, off the compiled
+step; only process 0 writes files and shows progress.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from jaxrepro import dropoff as dropoff_lib
 from jaxrepro import parallel, tbevents
 from jaxrepro import status as status_lib
 from jaxrepro.plumbing import jsonio
+from jaxrepro.train.progress import Progress
 from jaxrepro.train.step import unpack_metrics
 from jaxrepro.workdir import MetricsWriter
 
@@ -103,6 +105,15 @@ class Record:
         self.last_print = 0.0
         self.next_beat = time.perf_counter() + self.config.runtime.heartbeat_every_s
         self.heartbeat(start, None)
+        self.last_read = None  # (phase, step) of the last train step read
+        runtime = self.config.runtime
+        self.progress = Progress(
+            "train" if setup.origin is None else "replay",
+            start,
+            setup.end,
+            mode=runtime.progress if self.primary else "off",
+            every_s=runtime.progress_every_s,
+        )
 
     # -- rows
     def dispatched(self, phase, step: int, epoch: int, metrics) -> None:
@@ -119,8 +130,18 @@ class Record:
         is written, the steps dispatched after it (no-ops, the step guards them) are
         dropped unread, and ``stop_at`` is the step after it, however late it was read.
         """
-        for _ in range(len(self.pending) if count is None else min(count, len(self.pending))):
+        n = len(self.pending) if count is None else min(count, len(self.pending))
+        for _ in range(n):
             self._read_one(*self.pending.popleft())
+        if n and self.stop_at is None:
+            self._report()
+
+    def _report(self) -> None:
+        """Progress up to the last step read: no metrics are fetched for it."""
+        phase, step = self.last_read
+        m = self.last_train
+        note = f"{phase.name} {step + 1 - phase.start}/{phase.steps}, loss {float(m['loss']):.4f}"
+        self.progress.advance(step + 1, note)
 
     def _read_one(self, phase, step, epoch, m):
         if self.stop_at is not None:
@@ -131,6 +152,7 @@ class Record:
         m = unpack_metrics(np.asarray(m))
         self._accumulate_inputs(phase.name, m)
         self.last_train = m
+        self.last_read = (phase, step)
         self.nonfinite += not m["applied"]
         if self.config.train.nonfinite_policy == "stop" and not m["finite"]:
             self.stop_at = step + 1
@@ -188,16 +210,17 @@ class Record:
         return steps
 
     def stepped(self, phase, s: int) -> None:
-        """Steps up to ``s`` are dispatched: a progress line and a heartbeat when due.
+        """Steps up to ``s`` are dispatched: event files flushed and a heartbeat when due
+        (progress itself is reported as metrics are read: ``_report``).
 
         Rates count from the session's first step done, so its compile is not in them.
         """
+        del phase
         done, now = s - self.start, time.perf_counter()
         if done == 1:
             self.t_first = now
         elif now - self.last_print > self.config.runtime.progress_every_s:
             self.last_print = now
-            self.progress(phase, s, done - 1, now - self.t_first)
             self.flush_events()
         if now >= self.next_beat and done > 1:  # off the hot path: every few seconds
             self.next_beat = now + self.config.runtime.heartbeat_every_s
@@ -219,25 +242,13 @@ class Record:
             )
         )
 
-    def progress(self, phase, s: int, done: int, elapsed: float) -> None:
-        rate = done / max(elapsed, 1e-9)
-        eta = (self.setup.end - s) / max(rate, 1e-9)
-        m = self.last_train
-        loss = f" loss {float(m['loss']):.4f}" if m is not None else ""
-        log.info(
-            "%s step %d/%d (global %d/%d)%s | %.2f steps/s | ETA %.0fs",
-            phase.name,
-            s - phase.start,
-            phase.steps,
-            s,
-            self.setup.total,
-            loss,
-            rate,
-            eta,
-        )
+    def close_progress(self) -> None:
+        self.progress.close()
 
     def close(self) -> None:
-        """The metrics file and dropoffs.json final (the event file: ``close_events``)."""
+        """The metrics file and dropoffs.json final, the progress bar closed (the event
+        file: ``close_events``)."""
+        self.progress.close()
         self.metrics.close()
         if self.primary:
             dropoff_lib.write_dropoffs(self.ws.path, self.detector.events)
