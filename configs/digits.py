@@ -40,7 +40,7 @@ def get_config(arg=None):
     c.finetune.schedule = "constant"
     c.finetune.warmup_steps = 0
     c.finetune.steps = 120
-    c.pretrain.eval_every = 20
+    c.pretrain.eval_every = 40  # evals leave the trajectory alone; fewer of them, a cheaper run
     c.finetune.eval_every = 20
     c.checkpoint.every = 40
     if arg == "smoke":
