@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import TEST_XLA_FLAGS
 from helpers import REPO
 
 from jaxrepro import models, rng
@@ -90,10 +91,15 @@ def started(request, tmp_path_factory):
     a = _start(
         d,
         "A",
-        {"XLA_FLAGS": f"{_FLAG}=8"},
+        {"XLA_FLAGS": f"{_FLAG}=8 {TEST_XLA_FLAGS}"},
         [*_LAX, "--layouts", "1,2,4,8", "--steps", "3", "--plain"],
     )
-    c = _start(d, "C", {"XLA_FLAGS": f"{_FLAG}=1"}, [*_LAX, "--layouts", "1", "--steps", "3"])
+    c = _start(
+        d,
+        "C",
+        {"XLA_FLAGS": f"{_FLAG}=1 {TEST_XLA_FLAGS}"},
+        [*_LAX, "--layouts", "1", "--steps", "3"],
+    )
     yield d, a, c
     for _, proc, _ in (a, c):
         if proc.poll() is None:

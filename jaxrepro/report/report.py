@@ -116,6 +116,7 @@ def point_statistics(records: list[dict], factors, n_boot: int = 2000) -> dict:
                         if p in r["summary"]["train"]
                     ],
                     n_boot,
+                    (0.0, math.inf),  # a cross-entropy loss is >= 0
                 )
             }
             for p in phases
@@ -367,6 +368,8 @@ def _what_was_run(summary: dict) -> list[str]:
     ]
     for key, values in st["grid"]:
         lines.append(f"- config grid: `{key}` in {', '.join(values)} (every seed at every value)")
+    if summary.get("disk", {}).get("line"):
+        lines.append(f"- disk: {summary['disk']['line']}")
     for arm in st.get("arms", []):
         changes = ", ".join(f"`{k}`={v}" for k, v in arm["overrides"]) or "the base config"
         how = (
@@ -843,6 +846,8 @@ def what_happened(summary: dict) -> list[str]:
     k = summary["study"]["k_last"]
     runs = summary["runs"]
     lines = ["## What happened", ""]
+    if summary.get("design_description"):
+        lines.append(f"- The design: {summary['design_description']}")
     lines += _diagnosis_sentences(summary.get("diagnoses") or {})
     lines += _failure_sentences(runs) if runs else ["- No run finished."]
     lines += _backbone_sentences(runs) + _noise_sentences(runs, k)
@@ -857,7 +862,9 @@ def what_happened(summary: dict) -> list[str]:
 def write_report(out: str, summary: dict) -> str:
     """Writes OUT/report.md from a study's summary; returns its path."""
     k = summary["study"]["k_last"]
-    lines = ["# Seed study: " + ", ".join(summary["study"]["vary"]), ""]
+    st = summary["study"]
+    title = f"Study: {st['source']}" if st.get("source") else "Seed study: " + ", ".join(st["vary"])
+    lines = ["# " + title, ""]
     lines += what_happened(summary)
     lines += _what_was_run(summary)
     lines += ["## Results", ""] + _runs_table(summary, k)

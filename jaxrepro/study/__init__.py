@@ -265,6 +265,7 @@ def run_study(
     summary["disk"] = disk_info
     if spec.design == "arms":
         summary["arm_runs"] = _arms_summary(spec, runs)
+        summary["design_description"] = design_lib.load(design).description
     end = dict(session, code_at_end=source_hash(), wall_s=round(time.time() - t0, 1))
     sessions = _session(out, end)
     summary["sessions"] = sessions
