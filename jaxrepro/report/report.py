@@ -909,9 +909,10 @@ def platform_sentence(p: dict) -> str:
     fid = p.get("fingerprint_id")
     if p.get("portable"):
         return (
-            f"platform fingerprint {fid}, **portable mode**: the same config gives these bits on "
+            f"platform fingerprint {fid}, **portable mode**: designed to give these bits on "
             f"any x86-64 CPU with AVX2 and FMA, with {p.get('cpu_threads')} CPU threads and "
-            "the same library versions"
+            "the same library versions (docs/determinism.md says on which CPUs this was "
+            "measured)"
         )
     isa = cpu.get("isa") or []
     level = "AVX-512" if "avx512f" in isa else ("AVX2+FMA" if "fma" in isa else "pre-AVX2")
@@ -921,5 +922,6 @@ def platform_sentence(p: dict) -> str:
         "numbers only on a CPU of the same family and model with the same thread count, "
         "flags and library versions; on another CPU expect other numbers from the first "
         "evaluation on (summation order: docs/determinism.md). "
-        "`--config.determinism.portable=True` makes a study reproducible on any AVX2+FMA CPU."
+        "`--config.determinism.portable=True` is designed to make a study reproducible on any "
+        "AVX2+FMA CPU (docs/determinism.md: where that was measured)."
     )
