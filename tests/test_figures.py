@@ -479,6 +479,7 @@ def test_report_draws_one_set_with_grid_points_as_arms(monkeypatch, tmp_path):
         return {"pretrain_loss": {"png": png, "pdf": png[:-4] + ".pdf", "title": "T"}}
 
     monkeypatch.setattr(figures, "study_figures", fake)
+    monkeypatch.setattr(report, "_arm_loss_figures", lambda runs, arms, fig_dir: {})
 
     def record(run, point, seed, arm=None):
         r = {"run": run, "point": point, "varied_seeds": {"aug": seed}, "workdir": f"/w/{run}"}
@@ -505,6 +506,29 @@ def test_report_draws_one_set_with_grid_points_as_arms(monkeypatch, tmp_path):
     report.draw_figures(str(tmp_path), {"base": [record("aug0", "base", 0, arm="lr x0.5"),
                                                  record("aug1", "base", 1)]})  # fmt: skip
     assert seen["arms"] == {"aug=0": "lr x0.5", "aug=1": "base"}
+
+
+def test_several_arms_get_each_arm_loss_figure_the_baseline_as_fig_1_and_2(tmp_path):
+    from jaxrepro.report import report
+
+    finetune_only = [r for r in _rows(5) if r["phase"] == "finetune"]  # a branch arm
+    runs = [("a0", _rows(0)), ("a1", _rows(1)), ("b0", _rows(2)), ("r0", finetune_only)]
+    arms = {"a0": "pad4", "a1": "pad4", "b0": "width 32", "r0": "lr_half"}
+    made = report._arm_loss_figures(runs, arms, str(tmp_path))
+    assert list(made) == [
+        "arm_pad4_pretrain_loss",
+        "arm_pad4_finetune_loss",
+        "arm_width_32_pretrain_loss",
+        "arm_width_32_finetune_loss",
+        "arm_lr_half_finetune_loss",  # no pretraining rows: no pretraining figure
+    ]
+    assert "Fig. 1 analogue" in made["arm_pad4_pretrain_loss"]["title"]
+    assert "Fig. 2 analogue" in made["arm_pad4_finetune_loss"]["title"]
+    assert "analogue" not in made["arm_width_32_pretrain_loss"]["title"]
+    for f in made.values():
+        assert os.path.exists(f["png"]) and os.path.exists(f["pdf"])
+    assert _png_info(made["arm_pad4_pretrain_loss"]["png"])[0] >= 1200
+    assert report._arm_loss_figures(runs[:2], {"a0": "pad4", "a1": "pad4"}, str(tmp_path)) == {}
 
 
 def test_an_episode_of_the_first_format_is_marked_at_its_onset():

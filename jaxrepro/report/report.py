@@ -310,6 +310,7 @@ def draw_figures(out: str, by_point: dict, k_last: int = 3) -> dict:
         label: str(r.get("arm") or r["point"]) for label, r in zip(labels, records, strict=True)
     }
     made = figures.study_figures(runs, os.path.join(out, "figures"), arms=arms)
+    made.update(_arm_loss_figures(runs, arms, os.path.join(out, "figures")))
     return {
         name: {
             "path": os.path.relpath(f["png"], out),
@@ -318,6 +319,36 @@ def draw_figures(out: str, by_point: dict, k_last: int = 3) -> dict:
         }
         for name, f in made.items()
     }
+
+
+def _arm_loss_figures(runs, arms: dict, fig_dir: str) -> dict:
+    """With several arms, each arm's training loss per phase, one colour per run (up to ten):
+    the paper's Fig. 1 and 2 for the baseline (the first arm); an arm of another
+    configuration that varies the initialisation seeds gives its Fig. 3."""
+    names = list(dict.fromkeys(arms.values()))
+    if len(names) < 2:
+        return {}
+    made = {}
+    for i, arm in enumerate(names):
+        sub = [(label, w) for label, w in runs if arms[label] == arm]
+        for phase in ("pretrain", "finetune"):
+            what = "Pretraining" if phase == "pretrain" else "Fine-tuning"
+            fig_no = {"pretrain": "Fig. 1", "finetune": "Fig. 2"}[phase] if i == 0 else None
+            title = f"{what} loss, arm {arm} ({len(sub)} runs)"
+            if fig_no:
+                title += f" ({fig_no} analogue: the baseline)"
+            try:
+                fig = figures.loss_across_runs(sub, phase, title=title)
+            except ValueError:  # a branch arm has no pretraining rows
+                continue
+            slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", arm)
+            png = figures.save(fig, os.path.join(fig_dir, f"arm_{slug}_{phase}_loss.png"))
+            made[f"arm_{slug}_{phase}_loss"] = {
+                "png": png,
+                "pdf": figures.vector_path(png),
+                "title": title,
+            }
+    return made
 
 
 # ----------------------------------------------------------------------------- markdown
