@@ -62,7 +62,8 @@ def test_the_paper_design_has_its_arms_with_eight_seeds_each():
     assert float(dict(by["lr_half"].overrides)["finetune.lr"]) == pytest.approx(ft_lr / 2)
     assert d.config == os.path.join(REPO, "configs", "digits.py")
     quick = design_lib.load(PAPER + ":quick")
-    assert [(a.name, a.seeds) for a in quick.arms] == [("pad4", (0, 1, 2)), ("pad3", (0, 1, 2))]
+    assert [(a.name, a.seeds) for a in quick.arms] == [("pad4", (0, 1, 2)), ("pad3_ft", (0, 1, 2))]
+    assert quick.arms[1].branch == "finetune"
 
 
 def test_plan_of_a_design_names_arms_and_branches(data_dir, tmp_path):
