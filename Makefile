@@ -34,7 +34,8 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
-# The main job: two augmentation recipes (crop padding 4 and 3) x 3 augmentation seeds,
+# The main job: two augmentation recipes of fine-tuning (crop padding 4; 3 as a branch at the
+# fine-tune start) x 3 augmentation seeds,
 # the exact replay and the diagnosis of the most severe drop-off (configs/studies/paper.py).
 study: setup
 	$(VENV)/bin/jaxrepro study --design=configs/studies/paper.py:quick \
