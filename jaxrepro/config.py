@@ -46,20 +46,27 @@ ADDED_FIELDS = {
 }
 
 
+def load_python_file(path: str, kind: str, function: str):
+    """Executes the Python file ``path`` (a ``kind`` file: config, design) as a module that
+    must define ``function``; ConfigError naming the file when it fails to load or lacks it."""
+    spec = importlib.util.spec_from_file_location(f"_jaxrepro_{kind}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # a malformed file: report it, with its cause
+        raise ConfigError(f"{kind} file {path!r} failed to load: {type(e).__name__}: {e}") from e
+    if not hasattr(module, function):
+        raise ConfigError(f"{kind} file {path!r} defines no {function}()")
+    return module
+
+
 def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
     """Loads ``path:arg`` the way ``config_flags.DEFINE_config_file`` does, then locks it."""
     if ":" in path and arg is None:
         path, arg = path.split(":", 1)
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
-    spec = importlib.util.spec_from_file_location("_jaxrepro_config", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:  # a malformed config file: report it, with its cause
-        raise ConfigError(f"config file {path!r} failed to load: {type(e).__name__}: {e}") from e
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"config file {path!r} defines no get_config()")
+    module = load_python_file(path, "config", "get_config")
     config = module.get_config(arg) if arg is not None else module.get_config()
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, not ConfigDict")

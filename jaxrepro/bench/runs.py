@@ -64,6 +64,17 @@ MEMORY_DEFAULTS = {"configs": "configs/digits.py:smoke,configs/digits.py", "data
 INIT_CHOICES = ("module", "fast", "both")
 
 
+def _config_summary(config) -> dict:
+    """What a timed run's config is, in a bench result."""
+    return {
+        "model": config.model.name,
+        "image_size": config.data.image_size,
+        "batch_size": config.pretrain.batch_size,
+        "checkpoint_every": config.checkpoint.every,
+        "eval_every": config.pretrain.eval_every,
+    }
+
+
 def load_config(path_arg: str, overrides: str, data_dir: str):
     """configs/x.py[:variant] with 'a.b=v;...' overrides and an optional data dir."""
     from jaxrepro import config as config_lib
@@ -435,10 +446,7 @@ def bench_e2e_tensorboard(opts: dict) -> dict:
     config = configs["on"]
     return {
         "kind": "e2e_tensorboard", "options": opts, "machine": machine_info(),
-        "config": {"model": config.model.name, "image_size": config.data.image_size,
-                   "batch_size": config.pretrain.batch_size,
-                   "checkpoint_every": config.checkpoint.every,
-                   "eval_every": config.pretrain.eval_every},
+        "config": _config_summary(config),
         # time per step with event files / without: > 1 is what they cost
         "on_over_off": statistics.median(wall),
         "on_over_off_per_round": wall,
@@ -570,10 +578,7 @@ def _e2e_summary(opts, config, rounds) -> dict:
     cpu_noc = _median(rounds["run_no_checkpoints"], "cpu_s_per_step_excl_eval")
     return {
         "kind": "e2e", "options": opts, "machine": machine_info(),
-        "config": {"model": config.model.name, "image_size": config.data.image_size,
-                   "batch_size": config.pretrain.batch_size,
-                   "checkpoint_every": config.checkpoint.every,
-                   "eval_every": config.pretrain.eval_every},
+        "config": _config_summary(config),
         "bare_steps_per_s": bare, "run_steps_per_s": run, "run_steps_per_s_excl_eval": run_x,
         "run_no_checkpoints_steps_per_s": noc,
         "efficiency_excl_eval": run_x / bare, "efficiency_incl_eval": run / bare,

@@ -186,7 +186,7 @@ def run_study(
     if not out:
         raise ConfigError("--out is required: the study's directory")
     out = os.path.abspath(out)
-    config, spec, runs = _plan(config, vary, seeds, grid, design, arms)
+    config, spec, runs, description = _plan(config, vary, seeds, grid, design, arms)
     shapes = {}
     if not jobs_only:  # the worst case, before anything is written
         cache = {}
@@ -265,7 +265,7 @@ def run_study(
     summary["disk"] = disk_info
     if spec.design == "arms":
         summary["arm_runs"] = _arms_summary(spec, runs)
-        summary["design_description"] = design_lib.load(design).description
+        summary["design_description"] = description
     end = dict(session, code_at_end=source_hash(), wall_s=round(time.time() - t0, 1))
     sessions = _session(out, end)
     summary["sessions"] = sessions
@@ -280,7 +280,8 @@ def run_study(
 
 
 def _plan(config, vary, seeds, grid, design, arms):
-    """(base config, spec, runs) of the arguments, every config checked; nothing written."""
+    """(base config, spec, runs, the design's description or None) of the arguments, every
+    config checked; nothing written."""
     if design is not None:
         given = [n for n, v in (("--vary", vary), ("--seeds", seeds), ("--grid", grid)) if v]
         if given:
@@ -289,14 +290,14 @@ def _plan(config, vary, seeds, grid, design, arms):
             )
         d = design_lib.select(design_lib.load(design), arms)
         config = design_lib.base_config(d, config)
-        return config, design_lib.spec_of(d), design_lib.plan_design(config, d)
+        return config, design_lib.spec_of(d), design_lib.plan_design(config, d), d.description
     if arms:
         raise ConfigError("--arms selects arms of a --design file; this study has none")
     if config is None:
         raise ConfigError("--config is required (or --design=FILE)")
     config_lib.validate(config)
     spec = make_spec(vary, seeds, grid, config)
-    return config, spec, plan_runs(config, spec)
+    return config, spec, plan_runs(config, spec), None
 
 
 def _run_config(config, run: Run, runs: list[Run]):

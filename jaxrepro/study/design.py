@@ -30,7 +30,6 @@ A branch may only change what can change at the pretrain -> fine-tune boundary
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import re
 
@@ -126,19 +125,20 @@ def _overrides(raw, where: str) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+def _refuse_unknown(where: str, given, known) -> None:
+    unknown = [k for k in given if k not in known]
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; known: " + ", ".join(known)
+        )
+
+
 def load(argument: str) -> Design:
     """Loads and checks ``FILE[:variant]`` (ConfigError naming what is wrong)."""
     path, _, variant = str(argument).partition(":")
     if not os.path.isfile(path):
         raise ConfigError(f"--design={argument}: design file {path!r} does not exist")
-    spec = importlib.util.spec_from_file_location("_jaxrepro_design", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:  # a malformed design file: report it, with its cause
-        raise ConfigError(f"design file {path!r} failed to load: {type(e).__name__}: {e}") from e
-    if not hasattr(module, "get_design"):
-        raise ConfigError(f"design file {path!r} defines no get_design()")
+    module = config_lib.load_python_file(path, "design", "get_design")
     try:
         raw = module.get_design(variant or None)
     except (ValueError, KeyError, TypeError) as e:  # e.g. an unknown variant
@@ -148,12 +148,7 @@ def load(argument: str) -> Design:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: get_design() returned {type(raw).__name__}, not a dict")
     where = f"design {argument}"
-    unknown = [k for k in raw if k not in DESIGN_KEYS]
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; known: "
-            + ", ".join(DESIGN_KEYS)
-        )
+    _refuse_unknown(where, raw, DESIGN_KEYS)
     config = raw.get("config")
     if config is not None:
         if not isinstance(config, str) or not config:
@@ -177,12 +172,7 @@ def load(argument: str) -> Design:
                 f"{where}: arm {i} needs a 'name' of letters, digits, '_', '.', '-' (got {name!r})"
             )
         at = f"{where}, arm {name!r}"
-        unknown = [k for k in a if k not in ARM_KEYS]
-        if unknown:
-            raise ConfigError(
-                f"{at}: unknown key(s) {', '.join(map(repr, unknown))}; known: "
-                + ", ".join(ARM_KEYS)
-            )
+        _refuse_unknown(at, a, ARM_KEYS)
         if any(x.name == name for x in arms):
             raise ConfigError(f"{where}: two arms are named {name!r}")
         vary = a.get("vary", None if first is None else ",".join(first.factors))

@@ -335,11 +335,10 @@ def job_argv(out: str, run: Run, python: str | None = None, base: str | None = N
     def path(p):
         return p if base is None else os.path.relpath(p, base)
 
+    head = [path(os.path.abspath(python or sys.executable)), "-m", "jaxrepro"]
     if run.branch is not None:  # a replay of its baseline run from the fine-tune start
         return [
-            path(os.path.abspath(python or sys.executable)),
-            "-m",
-            "jaxrepro",
+            *head,
             "replay",
             f"--workdir={path(os.path.join(out, 'runs', run.branch['run']))}",
             f"--from_step={run.branch['from_step']}",
@@ -348,9 +347,7 @@ def job_argv(out: str, run: Run, python: str | None = None, base: str | None = N
             *(f"--override={k}={v}" for k, v in run.overrides),
         ]
     return [
-        path(os.path.abspath(python or sys.executable)),
-        "-m",
-        "jaxrepro",
+        *head,
         "train",
         f"--config={path(os.path.join(out, 'study_config.py'))}",
         f"--workdir={path(os.path.join(out, 'runs', run.name))}",
