@@ -27,6 +27,11 @@ jax.config.update("jax_compilation_cache_dir", _CACHE)
 # suite's time is that of a fresh machine.
 os.environ.setdefault("JAXREPRO_COMPILE_CACHE_DIR", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+# The program cache (jaxrepro/plumbing/program_cache.py) keys a program by the package's
+# files, not by what a test monkeypatches into a traced function (a poisoned augmentation,
+# a planted gradient): off in the suite, and in the processes it starts, except where a
+# test turns it on (tests/test_program_cache.py, tests/test_diagnose.py).
+os.environ["JAXREPRO_PROGRAM_CACHE"] = "0"
 
 # grain's multiprocessing and absl-using code need parsed flags under pytest.
 flags.FLAGS.mark_as_parsed()

@@ -79,8 +79,10 @@ def batch_run(data_dir, tmp_path_factory):
 
     path = str(tmp_path_factory.mktemp("batch") / "run")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sources_lib.Source, "get", corrupted)
-        loop.run(config, path)
+        mp.setattr(sources_lib.Source, "get", corrupted)  # data: not part of the program
+        mp.setenv("JAXREPRO_PROGRAM_CACHE", "1")  # the run keeps its train step
+        info = loop.run(config, path)
+    assert info["programs"] == {"train_pretrain": "compiled"}
     return path, corrupted
 
 
@@ -88,12 +90,15 @@ def test_batch_driven_event_is_tied_to_the_batch(batch_run, monkeypatch):
     path, corrupted = batch_run
     monkeypatch.setattr(sources_lib.Source, "get", corrupted)  # the same data as the run
     index = _planted_event(path)
-    built = []
-    make = programs_lib.make_train_step
+    built = []  # the train step made ready (loaded from the program cache, or compiled)
+    job = programs_lib.Programs.train_job
     monkeypatch.setattr(
-        programs_lib, "make_train_step", lambda **kw: (built.append(1), make(**kw))[1]
+        programs_lib.Programs, "train_job", lambda *a: (built.append(1), job(*a))[1]
     )
+    monkeypatch.setenv("JAXREPRO_PROGRAM_CACHE", "1")
     (d,) = engine.diagnose(path, dropoff=index, arms="exact,aug:4,order:2,skip")
+    # the run's own train step, loaded without a trace: the exact arm is bitwise all the same
+    assert d["programs"] == {"train_pretrain": "loaded"}
     assert d["exact_bitwise"] is True and d["exact_first_difference"] is None
     assert len(built) == 1  # one compiled step for the phase, shared by all 8 arms
     fam = d["verdict"]["families"]

@@ -232,10 +232,11 @@ def startup_child(args_json: str) -> None:
     timer.wrap(state_lib, "init_variables", "init")
     timer.wrap(setup_lib, "load_data", "data")
     config = load_config(a["config"], a["set"], a["data_dir"])
-    loop.run(config, a["workdir"], stop_after=1, hooks=_SpanTimer(timer))
+    info = loop.run(config, a["workdir"], stop_after=1, hooks=_SpanTimer(timer))
     marks["first_step_done"] = time.time()
     result = {
         "init": a["init"], "marks": marks, "seconds": timer.seconds, "calls": timer.calls,
+        "programs": info.get("programs"),  # the train step: loaded from the program cache?
         "cache_min_compile_s": jax.config.jax_persistent_cache_min_compile_time_secs,
         "imports_s": marks["imports"] - marks["python"], "compiles": stats,
         "backend": jax.default_backend(),
@@ -714,7 +715,9 @@ DIAGNOSE_DEFAULTS = {
 
 def bench_diagnose(opts: dict) -> dict:
     """A diagnosis's cost against the run's own: one arm's step over one training step,
-    and the fixed cost (restore, compile, the restored state's eval) warm and cold.
+    and the fixed cost (restore, compile, the restored state's eval) warm and cold. Warm:
+    the caches the run filled (JAX's and the program cache: the run's train step is loaded
+    without a trace); cold: both empty.
 
     The run is the config cut to ``steps`` pretraining steps (evals and checkpoints every
     20), timed between evals as ``bench e2e`` does; its dropoffs.json is replaced by one
@@ -780,6 +783,7 @@ def bench_diagnose(opts: dict) -> dict:
                 "steps_per_arm": d["steps_per_arm"],
                 "arm_step_s": arm_s / (n_arms * d["steps_per_arm"]),
                 "exact_bitwise": d["exact_bitwise"],
+                "programs": d.get("programs"),  # the train step: loaded or compiled
             }
     out.update(
         run=timed,

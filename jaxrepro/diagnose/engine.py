@@ -21,6 +21,7 @@ two diagnoses of one run apart.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import fcntl
 import logging
@@ -125,19 +126,36 @@ class ArmRunner:
         self.setup, self.programs, self.evaluator, self.phase = setup, programs, evaluator, phase
         self.aug_root, self.dropout_root = setup.keys(phase)
 
-    def warm(self, state0, restore: int) -> list[dict]:
-        """Compiles the phase's step and evaluates the restored state (every arm starts from
-        it, so they share these rows); returns them."""
-        batch, _ = self.setup.device_batch(self.phase, restore)
-        self.programs.train_fn(self.phase, state0, batch)
-        if _due(self.phase.eval_every, restore - self.phase.start):
-            return self.evaluator.evaluate(self.phase, state0, restore)
-        return []
+    def start(self, checkpoint_dir: str, restore: int):
+        """(the restored state, its eval rows): the fixed cost of a diagnosis.
+
+        The phase's train step is made ready for the restore target's shapes (the program
+        cache's key; on a miss, the trace), then loaded or compiled in a thread while this
+        one restores the checkpoint and evaluates it: the load is native code and leaves the
+        interpreter to them (a trace is Python; beside the restore it would only slow both).
+        Every arm starts from this state, so they share its eval rows.
+        """
+        setup, phase = self.setup, self.phase
+        target, _ = setup.restore_target(restore)
+        batch, _ = setup.device_batch(phase, restore)
+        finish = self.programs.train_job(phase, target, batch)
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile") as pool:
+            compiling = pool.submit(finish)
+            ckpts = Checkpoints(checkpoint_dir, read_only=True)
+            try:
+                state0, _ = setup.restore(ckpts, restore)
+            finally:
+                ckpts.close()
+            first = []
+            if _due(phase.eval_every, restore - phase.start):
+                first = self.evaluator.evaluate(phase, state0, restore)
+            compiling.result()  # its error, if any, is raised here
+        return state0, first
 
     def run(
         self, state0, arm, restore: int, until: int, onset: int, first=(), progress=None
     ) -> list[dict]:
-        """The rows of ``arm`` from ``restore`` to ``until``; ``first``: ``warm``'s rows.
+        """The rows of ``arm`` from ``restore`` to ``until``; ``first``: ``start``'s rows.
 
         Metrics are read in blocks, as the loop's record reads them; ``progress(step)``
         (optional) is told each time a block has been read.
@@ -321,9 +339,6 @@ def _diagnose_event(
     d = os.path.join(ws.path, DIR, name)
     os.makedirs(os.path.join(d, "arms"), exist_ok=True)
     t0 = time.perf_counter()
-    ckpts = Checkpoints(ws.checkpoint_dir, read_only=True)
-    state0, _ = setup.restore(ckpts, restore)
-    ckpts.close()
     phase = setup.phase_of(restore)
     if phase.name != event["phase"]:
         raise CheckpointError(
@@ -335,10 +350,13 @@ def _diagnose_event(
     until = min(max(onset + after, confirmed + 1), phase.end)
     history = [r for r in original if r["step"] < restore]
     runner = ArmRunner(setup, programs, evaluator, phase)
-    arm_rows, timing, first = {}, {"arms": {}, "setup_s": setup_s}, None
+    arm_rows, timing, state0, first = {}, {"arms": {}, "setup_s": setup_s}, None, []
     paths = {arm.name: os.path.join(d, "arms", f"{arm.name}.jsonl") for arm in arm_list}
     todo = [arm for arm in arm_list if not os.path.exists(paths[arm.name])]
     steps = until - restore
+    if todo:  # restore, compile and the restored state's eval: the fixed cost
+        state0, first = runner.start(ws.checkpoint_dir, restore)
+        timing["fixed_s"] = round(time.perf_counter() - t0, 3)
     progress = Progress(
         f"diagnose {index}",
         0,
@@ -352,9 +370,6 @@ def _diagnose_event(
             if arm not in todo:  # finished before an interruption
                 arm_rows[arm.name] = jsonio.read_jsonl(path)
                 continue
-            if first is None:  # restore, compile and the restored state's eval: fixed cost
-                first = runner.warm(state0, restore)
-                timing["fixed_s"] = round(time.perf_counter() - t0, 3)
             start, done = time.perf_counter(), todo.index(arm) * steps
 
             def told(step, arm=arm, done=done):
@@ -391,6 +406,7 @@ def _diagnose_event(
         "timing": timing,
         "steps_per_arm": until - restore,
         "compile_time_s": dict(programs.compile_s),
+        "programs": dict(programs.how),
     }
     diag["figure"] = figure_lib.draw(original, arm_rows, event, diag, os.path.join(d, "figure"))
     diag["figure"] = os.path.relpath(diag["figure"], d)

@@ -104,7 +104,7 @@ def _state_bytes(config, cache: dict) -> int:
     light = copy_config(config)
     light.runtime.max_in_memory_mb = 0  # shapes and lengths only: decode nothing up front
     setup = RunSetup(light)
-    shape = jax.eval_shape(setup.init_state)
+    shape = setup.abstract_init_state()
     states = [shape]
     if len(setup.phases) > 1 and setup.first_phase().name == "pretrain":
         ft = setup.phase_named("finetune")

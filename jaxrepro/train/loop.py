@@ -230,6 +230,7 @@ class Training:
             step=int(step),
             **self.record.summary(),
             compile_time_s=self.programs.compile_s,
+            programs=self.programs.how,
             wall_time_s=round(wall, 3),
             **self.feeder.report(),
         )

@@ -142,6 +142,7 @@ class RunSetup:
         if origin is not None and origin.until is not None:
             self.end = min(origin.until, self.total)
         self._step_inputs = {}
+        self._abstract_init = None
 
     # -- phases
     def phase_of(self, step: int) -> state_lib.Phase:
@@ -157,17 +158,26 @@ class RunSetup:
         return next(p for p in self.phases if p.steps > 0)
 
     # -- states
-    def init_state(self):
-        """The state at step 0, from the ``init`` seed (and ``init_from``, if set)."""
+    def init_state(self, key=None):
+        """The state at step 0, from the ``init`` seed (and ``init_from``, if set).
+
+        ``key``: the init root (default ``roots['init']``); ``abstract_init_state`` passes it
+        as an argument so that its trace only traces, without running the fast init.
+        """
         p0 = self.phases[0]
-        params, batch_stats = state_lib.init_variables(
-            p0.module, self.roots["init"], self.config.data.image_size
-        )
+        key = self.roots["init"] if key is None else key
+        params, batch_stats = state_lib.init_variables(p0.module, key, self.config.data.image_size)
         params, batch_stats = state_lib.load_pretrained(self.config, params, batch_stats)
         state = state_lib.initial_state(p0, params, batch_stats)
         if self.first_phase().name == "finetune":
             state = state_lib.to_finetune(self.config, self.seeds, state, self.phases[1])
         return state
+
+    def abstract_init_state(self):
+        """``init_state()``'s shapes and dtypes, traced (not run) once per setup."""
+        if self._abstract_init is None:
+            self._abstract_init = jax.eval_shape(self.init_state, self.roots["init"])
+        return self._abstract_init
 
     def to_finetune(self, state, phase):
         """The pretrain -> fine-tune transition (new head, fresh optimizer), replicated."""
@@ -176,6 +186,8 @@ class RunSetup:
     def restore(self, ckpts, step: int, recorded: dict | None = None):
         """(state, its phase name) of checkpoint ``step`` of ``ckpts``, on the mesh.
 
+        The state's shapes come from ``restore_target``, without running the model's init.
+
         ``recorded``: the config of the run that wrote ``ckpts``, when it is not this one
         (a branch). At the fine-tune start the optimizer state is fresh by construction
         (``to_finetune``); if the recorded optimizer has another structure than this
@@ -183,10 +195,25 @@ class RunSetup:
         the weights are restored and this config's fresh optimizer state is made, as a run
         of this config has it there. Elsewhere the optimizer state must fit as it is.
         """
+        target, fresh_tx = self.restore_target(step, recorded)
+        state, meta = ckpts.restore(step, target, expect={"model": self.config.model.name})
+        if fresh_tx is not None:
+            state = state.replace(opt_state=self.par.replicate(fresh_tx.init(state.params)))
+            log.info("fresh fine-tune optimizer state of this config at step %d", step)
+        log.info(
+            "restored checkpoint %d (%s) from %s", step, meta.get("phase"), shown(ckpts.directory)
+        )
+        return state, meta["phase"]
+
+    def restore_target(self, step: int, recorded: dict | None = None):
+        """(the abstract state checkpoint ``step`` restores into, replicated on the mesh;
+        the fresh optimizer to make after it, or None): see ``restore``. Without a
+        ``recorded`` config the target is the restored state's exact shape and sharding, so a
+        program can be compiled for it while the checkpoint is read."""
         phase = self.phase_of(step)
         if step == self.total:
             phase = self.phases[-1]
-        target = jax.eval_shape(self.init_state)
+        target = self.abstract_init_state()
         fine_tune_start = (
             phase.name == "finetune"
             and self.first_phase().name == "pretrain"
@@ -202,15 +229,7 @@ class RunSetup:
             stored = jax.eval_shape(recorded_tx.init, target.params)
             if jax.tree.structure(stored) != jax.tree.structure(target.opt_state):
                 target, fresh_tx = target.replace(opt_state=stored), phase.tx
-        target = self.par.replicate(target)  # restore straight into replicated arrays
-        state, meta = ckpts.restore(step, target, expect={"model": self.config.model.name})
-        if fresh_tx is not None:
-            state = state.replace(opt_state=self.par.replicate(fresh_tx.init(state.params)))
-            log.info("fresh fine-tune optimizer state of this config at step %d", step)
-        log.info(
-            "restored checkpoint %d (%s) from %s", step, meta.get("phase"), shown(ckpts.directory)
-        )
-        return state, meta["phase"]
+        return self.par.replicate(target), fresh_tx  # restore straight into replicated arrays
 
     @staticmethod
     def _recorded_tx(recorded: dict, phase):
