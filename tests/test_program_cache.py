@@ -166,3 +166,27 @@ def test_an_unreadable_or_mismatched_entry_is_a_miss(tmp_path, data_dir, monkeyp
     info = loop.run(other, str(tmp_path / "d"))
     assert info["programs"] == {"train_pretrain": "compiled"}
     assert "made for other arguments" in caplog.text
+
+
+def test_a_reloaded_executable_is_stored_only_with_the_bytes_it_was_loaded_from(
+    tmp_path, data_dir, monkeypatch
+):
+    """A hit whose bytes were not seen (or two hits, or bytes without a hit) is not stored:
+    serializing a reloaded executable again gives a program that fails when run."""
+    monkeypatch.setattr(program_cache, "directory", lambda: str(tmp_path / "programs"))
+    setup = RunSetup(tiny_digits(data_dir, finetune__steps=0))
+    phase = setup.phases[0]
+    programs = Programs(setup)
+    state = setup.par.replicate(setup.abstract_init_state())
+    batch, _ = setup.device_batch(phase, 0)
+    compiled = programs.train_job(phase, state, batch)()  # a fresh compile or a hit: stored
+    assert len(os.listdir(tmp_path / "programs")) == 1
+    desc = programs.describe(phase, "train")
+    for hits, raw, stored in ((0, [], True), (1, [b"x"], True), (1, [], False),
+                              (2, [b"x", b"y"], False), (0, [b"x"], False)):  # fmt: skip
+        fake = program_cache.Capture()
+        fake.hits, fake.raw = hits, raw
+        assert fake.stored_bytes()[0] is stored
+        if not stored:
+            assert not program_cache.save("k", compiled, desc, fake)
+            assert not os.path.exists(tmp_path / "programs" / "k.program")

@@ -168,36 +168,74 @@ def load(k: str, args):
     return compiled
 
 
+class Capture:
+    """What JAX's persistent cache did in one thread while a program was compiled: how many
+    hits it reported (its own monitoring event) and the serialized executables it handed
+    out (``raw``)."""
+
+    def __init__(self):
+        self.hits = 0
+        self.raw: list[bytes] = []
+
+    def stored_bytes(self):
+        """(can the program be stored, the bytes to store it with): a fresh compile is
+        serialized as it is; a hit only with JAX's bytes of it, and only when exactly one
+        hit handed out exactly one executable (anything else: not stored)."""
+        if self.hits == 0 and not self.raw:
+            return True, None
+        if self.hits == 1 and len(self.raw) == 1:
+            return True, self.raw[0]
+        return False, None
+
+
+_THREAD = threading.local()
+_PATCH_LOCK = threading.Lock()
+
+
+@functools.cache
+def _listen() -> None:
+    """Counts JAX's persistent-cache hits per thread (registered once per process)."""
+
+    def on_event(event, **kw):
+        if event == "/jax/compilation_cache/cache_hits":
+            capture = getattr(_THREAD, "capture", None)
+            if capture is not None:
+                capture.hits += 1
+
+    jax.monitoring.register_event_listener(on_event)
+
+
 @contextlib.contextmanager
 def capturing():
-    """Yields a list that receives, in this thread, the serialized executables JAX's
-    persistent cache hands out (a hit). An executable loaded from there cannot be serialized
-    again on XLA:CPU (its functions are not in the result: running it fails), so ``save``
-    stores the cache's own bytes of it instead.
+    """Yields a ``Capture`` of this thread's persistent-cache hits while in the block. An
+    executable loaded from JAX's cache cannot be serialized again on XLA:CPU (its functions
+    are not in the result: running the reloaded copy fails), so ``save`` stores the cache's
+    own bytes of it instead; the hit count (JAX's monitoring event) guards against storing
+    a reloaded executable when its bytes were not seen (``Capture.stored_bytes``).
     """
     from jax._src import compilation_cache as jax_cache
 
-    got: list[bytes] = []
+    _listen()
+    capture = Capture()
     thread = threading.get_ident()
     real = jax_cache.decompress_executable
 
     def decompress(blob):
         out = real(blob)
         if threading.get_ident() == thread:
-            got.append(jax_cache.extract_executable_and_time(out)[0])
+            capture.raw.append(jax_cache.extract_executable_and_time(out)[0])
         return out
 
     with _PATCH_LOCK:
         jax_cache.decompress_executable = decompress
+    outer, _THREAD.capture = getattr(_THREAD, "capture", None), capture
     try:
-        yield got
+        yield capture
     finally:
+        _THREAD.capture = outer
         with _PATCH_LOCK:
             if jax_cache.decompress_executable is decompress:
                 jax_cache.decompress_executable = real
-
-
-_PATCH_LOCK = threading.Lock()
 
 
 def _serialized(compiled, raw: bytes | None) -> bytes:
@@ -221,12 +259,12 @@ def _serialized(compiled, raw: bytes | None) -> bytes:
         return f.getvalue()
 
 
-def save(k: str, compiled, description: dict, raw: bytes | None = None) -> bool:
+def save(k: str, compiled, description: dict, capture: Capture) -> bool:
     """Stores ``compiled`` under key ``k`` (atomically); False when it cannot be stored.
-    ``raw``: its bytes in JAX's persistent cache, when it was loaded from there
-    (``capturing``)."""
+    ``capture``: what JAX's persistent cache did while it was compiled (``capturing``)."""
     root = directory()
-    if root is None:
+    ok, raw = capture.stored_bytes()
+    if root is None or not ok:
         return False
     try:
         blob = zlib.compress(

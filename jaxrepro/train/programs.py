@@ -104,11 +104,11 @@ class Programs:
             compiled = program_cache.load(key, args) if lowered is None else None
             how = "loaded"
             if compiled is None:
-                with program_cache.capturing() as hits:
+                with program_cache.capturing() as capture:
                     compiled = (lowered or self._lower_train(phase, args)).compile()
                 how = "compiled"
                 if key is not None:
-                    program_cache.save(key, compiled, description, hits[-1] if hits else None)
+                    program_cache.save(key, compiled, description, capture)
             self.compile_s[f"train_{phase.name}"] = round(prepared + time.perf_counter() - t1, 3)
             self.how[f"train_{phase.name}"] = how
             self._train[phase.name] = compiled
