@@ -13,15 +13,33 @@ is common on a noisy curve, one at half of it is not), their log is roughly symm
   common where hard batches are, were alarms); spikes within
   ``loss.refractory`` (10) judged points are one episode.
 * ``rise``: a sustained rise, a level jump that stays or a gradual ramp to divergence,
-  as one episode: the *level*, the median of the newest ``loss.shift_points`` (9)
-  losses, is at least ``max(log loss.shift_ratio, loss.shift_z * sd)`` (1.5x and 2.25
-  robust sd) above the *reference*, the lowest level of the last ``loss.lookback``
-  (100) points that no longer overlaps the newest ones. The lowest past level, not the
-  mean, because a training loss falls: a rise is judged against where the curve had
-  got to, not where it was (the rule's 2 sd plus a quarter sd for the downward bias of
-  a minimum of noisy medians). A spike that turns out to be the first point of a rise
-  becomes that rise. The episode ends when the level falls back below
-  half the threshold above the reference; its peak is the highest level (not a batch).
+  as one episode, opened by either of two tests of the *level*, the median of the newest
+  ``loss.shift_points`` (9) losses:
+
+  - against the *lowest past level*: the level is at least ``max(log
+    loss.shift_ratio, loss.shift_z * sd)`` (1.5x and 2.5 robust sd) above the lowest
+    level of the last ``loss.lookback`` (100) points that no longer overlaps the newest
+    ones. The lowest, not the mean, because a training loss falls: a rise is judged
+    against where the curve had got to (the rule's 2 sd plus half an sd for the downward
+    bias of a minimum of noisy medians, most of it on left-skewed noise). A ramp, whose
+    climb adds up, is found here.
+  - against the *curve's trend*: the level is at least ``max(log loss.shift_ratio,
+    loss.trend_z * sd)`` (3.5 sd) above the least-squares line of the
+    ``loss.trend_window`` (30) non-spike points before the newest ones, extended to the
+    newest points' middle; the sd is the larger of that of consecutive differences and
+    the line's residual sd (neither is widened by the curve's fall or by the jump, whose
+    points are not in the line; the second grows where losses wander together, as on
+    real runs). On a steeply falling curve a
+    jump is seen here before the curve's own fall takes it back under the first test's
+    threshold (10-15 steps on the benchmark's fastest curves); the higher threshold pays
+    for the extension's error where a curve flattens.
+  - and at a non-finite loss, a climb of at least ``max(log loss.shift_ratio,
+    loss.diverge_z * sd)`` (the rule's 2 sd) over the lowest past level: a ramp to
+    divergence cut short by the NaN before it cleared 2.5 sd, the NaN being the evidence.
+
+  A spike that turns out to be the first point of a rise becomes that rise. The episode
+  ends when the level falls back below half the threshold above the reference; its peak
+  is the highest level (not a batch).
 * ``fall``: an eval accuracy at least ``accuracy.min_drop`` (0.2) below the best (or the
   median) of the last ``accuracy.window`` (10) evals of the phase and split, sudden or
   gradual; it ends at the first eval back within half of that of the reference; its
@@ -35,17 +53,23 @@ it, nor do the points of an open rise (a level that stays up is compared with th
 before it, however long it stays).
 
 **Onsets** are where a replay should branch (from the last checkpoint before ``step``);
-they are placed once, when the episode is confirmed, and do not move, but for a spike
-that turns out to be the first point of a rise: it takes the rise's onset when that is
-earlier (a step or two). A spike's onset is its step. A rise's is placed back from the
-row that confirmed it, over the last ``loss.lookback`` points (none before the end of an
-earlier rise of the phase), by a least-squares change-point fit: a line (the curve's own
-trend, a falling loss before the change) plus, from the onset on, a step (a level jump)
-or a hinge (a climb of constant slope: a ramp), the onset and form that explain most of
-the squared deviation from the line upward. For a level jump that is the jump's step (5
-steps early to 3 late on the benchmark); for a ramp, where its climb begins (median 1
-step early to on time, 9 early to 13 late, on the benchmark's ramps of 20-80 steps: the
-start of a slow climb in noise cannot be placed closer). A fall's onset is, over the
+they are placed when the episode is confirmed and do not move, but for two cases: a
+spike that turns out to be the first point of a rise takes the rise's onset when that is
+earlier (a step or two), and a rise's onset is placed once more, ``loss.refine_after``
+(20) points after its confirmation, if it is still open then. A spike's onset is its
+step. A rise's is placed back from the row that confirmed it, over the last
+``loss.lookback`` points (none before the end of an earlier rise of the phase), by a
+least-squares change-point fit: a line (the curve's own trend, a falling loss before the
+change) plus, from the onset on, a step (a level jump) or a hinge (a climb of constant
+slope: a ramp), the onset and form that explain most of the squared deviation from the
+line upward. Placed again, the fit runs over the same first point to a few points past
+the highest level so far: more of a jump, and of a ramp's climb but not the top it
+stays at, where the first fit saw only the points that cleared the threshold (a slow
+climb in noise was placed 12-23 steps early or late from them). For a level jump that is
+the jump's step; for a ramp, where its climb begins (results/bench/detector.json has
+the errors). Until a rise's onset is placed again, :meth:`OnlineDetector.pending_from`
+is the first point of its fit, so the engine keeps a checkpoint before any onset the
+second fit can choose. A fall's onset is, over the
 evals from the reference (the best of the window) to the one that confirmed it, the eval
 where a downward step or hinge from a constant level explains most of the squared
 deviation (a sudden fall: the confirming eval; a gradual one: its first lower eval,
@@ -121,8 +145,10 @@ def default_config() -> ml_collections.ConfigDict:
 
     The thresholds are the benchmark's rule (jaxrepro/bench/detector.py): a spike is
     >= 4x the level and >= 5 robust sd in log space (5.5 here: the sd is estimated from
-    30 points), a sustained rise >= 1.5x and >= 2 robust sd (2.25 here: the reference is
-    a minimum of noisy medians, a little low), an accuracy collapse a fall of >= 0.2. On
+    30 points), a sustained rise >= 1.5x and >= 2 robust sd (2.5 here against the lowest
+    past level, a minimum of noisy medians, a little low; 3.5 against the curve's
+    extended trend, whose error grows where a curve flattens; 2 before a non-finite
+    loss), an accuracy collapse a fall of >= 0.2. On
     the digits default (batch 32) the log loss's robust sd is 0.25-0.5, so a spike there
     must be 4x-16x its level: a batch 2.5x the
     level is that curve's noise. The windows and onset rules were tuned on the
@@ -142,8 +168,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss.mad_floor = 0.02  # robust sd >= this (log space: 2%), a flat curve has MAD 0
     c.loss.shift_points = 9  # rise: the median of this many newest points ...
     c.loss.shift_ratio = 1.5  # ... is >= this times the baseline median
-    c.loss.shift_z = 2.25  # ... and >= this many robust sd above it (log space)
+    c.loss.shift_z = 2.5  # ... and >= this many robust sd above it (log space)
     c.loss.lookback = 100  # points searched back for a rise's onset
+    c.loss.trend_window = 30  # rise (a jump): points of the line before the newest ones ...
+    c.loss.trend_z = 3.5  # ... the newest level >= this many noise sd above its extension
+    c.loss.refine_after = 20  # points after its confirmation a rise's onset is placed again
+    c.loss.diverge_z = 2.0  # a climb of >= this many sd before a non-finite loss is a rise
     c.loss.refractory = 10  # logged points within which spikes merge into one episode
     c.accuracy = ml_collections.ConfigDict()
     c.accuracy.window = 10  # previous evals of the same phase and split
@@ -181,6 +211,16 @@ def validate_config(cfg) -> None:
     _check(lo, "loss", "shift_points", lambda v: v >= 1, ">= 1")
     _check(lo, "loss", "shift_ratio", lambda v: v > 1, "> 1 (a ratio of 1 or less is not a rise)")
     _check(lo, "loss", "shift_z", lambda v: v > 0, "> 0")
+    _check(
+        lo,
+        "loss",
+        "trend_window",
+        lambda v: v >= max(3, lo["min_history"]),
+        f">= max(3, loss.min_history={lo['min_history']})",
+    )
+    _check(lo, "loss", "trend_z", lambda v: v > 0, "> 0")
+    _check(lo, "loss", "refine_after", lambda v: v >= 0, ">= 0 (0: the onset is placed once)")
+    _check(lo, "loss", "diverge_z", lambda v: v > 0, "> 0")
     _check(
         lo,
         "loss",
@@ -302,6 +342,9 @@ class _LossStream:
         "floor_from",
         "nonfinite",
         "rows",
+        "newest",
+        "trend",
+        "tsum",
     )
 
     def __init__(self, cfg):
@@ -318,7 +361,7 @@ class _LossStream:
         self.kmeds = collections.deque()
         self.mins = collections.deque()
         # (row index, step, phase_step, x, x - the baseline median then (None: none yet))
-        self.hist = collections.deque(maxlen=cfg.lookback)
+        self.hist = collections.deque(maxlen=cfg.lookback + cfg.refine_after)
         self.m = self.sd = None  # median, robust sd of the baseline, while it is unchanged
         self.first = None  # log of the phase's first finite loss
         self.rise = None  # the open rise: {"event", "ref", "thr", "peak"}
@@ -327,6 +370,12 @@ class _LossStream:
         self.floor_from = 0  # hist entries before this step are not searched for onsets
         self.nonfinite = None  # (row number, episode) of the last non-finite episode
         self.rows = 0  # train rows of the phase, finite or not
+        # The trend test's points: the newest shift_points (point number, x, a spike?),
+        # then, once older, the non-spike ones in ``trend`` (point number, x), the line's
+        # points, with their sums (i, i*i, x, i*x, x*x) kept as they come and go.
+        self.newest = collections.deque()
+        self.trend = collections.deque()
+        self.tsum = [0.0, 0.0, 0.0, 0.0, 0.0]
 
 
 class _AccStream:
@@ -389,7 +438,9 @@ class OnlineDetector:
         none could): the engine keeps the checkpoint before it."""
         out = None
         st = self._loss
-        if st is not None and st.rise is None and st.hist:
+        if st is not None and st.rise is not None and st.rise["refine"] is not None:
+            out = st.rise["from"]  # its onset is placed again, no earlier than this
+        elif st is not None and st.rise is None and st.hist:
             i = 0
             while i < len(st.hist) and st.hist[i][1] < st.floor_from:
                 i += 1
@@ -452,7 +503,7 @@ class OnlineDetector:
         st.rows += 1
         finite = value - value == 0.0 if type(value) is float else _finite(value)
         if not finite or row.get("finite", True) is False:
-            return self._nonfinite_row(row, "loss", _as_float(value), st)
+            return self._diverged(st, row) + self._nonfinite_row(row, "loss", _as_float(value), st)
         x = math.log(value) if value > _TINY else math.log(_TINY)
         if st.first is None:
             st.first = x
@@ -488,9 +539,7 @@ class OnlineDetector:
         else:
             m = st.m
             if m is None:
-                b = st.base_sorted
-                h = len(b) // 2
-                m = st.m = b[h] if len(b) % 2 else (b[h - 1] + b[h]) / 2
+                m = _base_median(st)
             excess = x - m
             st.hist.append((self._index, row["step"], phase_step, x, excess))
             if excess >= self._log_ratio and excess >= lo.z_threshold * self._sd(st):
@@ -501,6 +550,10 @@ class OnlineDetector:
                 if level - ref >= thr:
                     admit = False
                     events += self._open_rise(st, row, level, ref, thr)
+            if admit and level is not None:
+                events += self._trend_rise(st, row, level)
+                admit = st.rise is None
+        self._push_trend(st, x, not admit)
         if admit:  # into the baseline (spikes and the points of a rise stay out of it)
             base = st.base
             if base:
@@ -516,6 +569,84 @@ class OnlineDetector:
                 del st.base_sorted[bisect.bisect_left(st.base_sorted, base.popleft())]
             st.m = st.sd = None
         return events
+
+    def _trend_rise(self, st: _LossStream, row: dict, level: float) -> list[dict]:
+        """A level jump, judged against the curve's own trend: the least-squares line of
+        the ``loss.trend_window`` non-spike points before the newest ``shift_points``,
+        extended to the newest points' middle. Opens a rise when their level is at least
+        ``max(log shift_ratio, trend_z * sd)`` above it, the sd the larger of that of
+        consecutive differences and the line's residual sd (neither the curve's fall nor
+        the jump widens them). On a steeply falling curve a jump is seen here before the
+        fall takes it back under the lowest past level."""
+        trend = st.trend
+        c = len(trend)
+        if c < self._lo.min_history:
+            return []
+        si, sii, sy, siy, syy = st.tsum
+        vi = sii - si * si / c
+        if vi <= 0:
+            return []
+        cov = siy - si * sy / c
+        slope = cov / vi
+        mid = st.n - (self._lo.shift_points - 1) / 2
+        ref = sy / c + slope * (mid - si / c)
+        if level - ref < self._log_shift:
+            return []
+        med = _sorted_median(st.diffs_sorted) if st.diffs_sorted else 0.0
+        rss = (syy - sy * sy / c) - cov * cov / vi  # the line's residuals: a wander's spread
+        sd = max(_MAD_SCALE * med / _SQRT2, math.sqrt(max(rss, 0.0) / (c - 2)), self._lo.mad_floor)
+        thr = max(self._log_shift, self._lo.trend_z * sd)
+        if level - ref < thr:
+            return []
+        return self._open_rise(st, row, level, ref, thr)
+
+    def _push_trend(self, st: _LossStream, x: float, out: bool) -> None:
+        """The point joins the newest ones; the oldest of them moves to the trend line's
+        points (not a spike's). A rise empties both: the line is drawn again after it."""
+        if st.rise is not None:
+            if st.trend or st.newest:
+                st.trend.clear()
+                st.newest.clear()
+                st.tsum[:] = [0.0, 0.0, 0.0, 0.0, 0.0]
+            return
+        newest = st.newest
+        newest.append((st.n, x, out))
+        if len(newest) <= self._lo.shift_points:
+            return
+        i, y, spike = newest.popleft()
+        if spike:
+            return
+        t = st.tsum
+        st.trend.append((i, y))
+        t[0] += i
+        t[1] += i * i
+        t[2] += y
+        t[3] += i * y
+        t[4] += y * y
+        if len(st.trend) > self._lo.trend_window:
+            i, y = st.trend.popleft()
+            t[0] -= i
+            t[1] -= i * i
+            t[2] -= y
+            t[3] -= i * y
+            t[4] -= y * y
+
+    def _diverged(self, st: _LossStream, row: dict) -> list[dict]:
+        """A non-finite loss after a climb: the climb is a rise (a ramp to divergence),
+        at the rule's own threshold (``max(log shift_ratio, diverge_z * sd)`` over the
+        lowest past level), the non-finite value being the evidence that it was one."""
+        lo = self._lo
+        if st.rise is not None or len(st.recent) < lo.shift_points or not st.mins:
+            return []
+        if len(st.base) < lo.min_history:
+            return []
+        level, ref = _median(st.recent), st.mins[0][1]
+        if st.m is None:
+            _base_median(st)
+        thr = max(self._log_shift, lo.diverge_z * self._sd(st))
+        if level - ref < thr:
+            return []
+        return self._open_rise(st, row, level, ref, thr)
 
     def _sd(self, st: _LossStream) -> float:
         """The noise's robust sd (log space), computed when a test needs it: the larger of
@@ -568,7 +699,17 @@ class OnlineDetector:
         event["end_step"] = int(row["step"])
         event["n_points"] = max(event["n_points"], int(row["step"]) - event["step"] + 1)
         self._set_peak(event, row["step"], math.exp(level), math.exp(level - ref))
-        st.rise = {"event": event, "ref": ref, "thr": thr, "peak": level}
+        hist = st.hist
+        st.rise = {
+            "event": event,
+            "ref": ref,
+            "thr": thr,
+            "peak": level,
+            "peak_step": int(row["step"]),
+            # the onset is placed again refine_after points on, over the same points
+            "from": hist[max(0, len(hist) - self._lo.lookback)][1],
+            "refine": st.n + self._lo.refine_after if self._lo.refine_after else None,
+        }
         self._loss_severity(event, st, ref)
         return new
 
@@ -583,7 +724,11 @@ class OnlineDetector:
         event["n_points"] += 1
         if level > rise["peak"]:
             rise["peak"] = level
+            rise["peak_step"] = int(row["step"])
             self._set_peak(event, row["step"], math.exp(level), math.exp(level - ref))
+        if rise["refine"] is not None and st.n >= rise["refine"]:
+            rise["refine"] = None
+            self._replace_onset(st, event, rise)
         self._loss_severity(event, st, ref)
 
     def _onset(self, st: _LossStream):
@@ -599,10 +744,28 @@ class OnlineDetector:
         onset where its climb begins, not where it clears the noise.
         """
         hist = st.hist
-        first = 0
+        first = max(0, len(hist) - self._lo.lookback)
         while first < len(hist) and hist[first][1] < st.floor_from:
             first += 1
         return _change_point(hist, first, _MIN_PRE)[:4]
+
+    def _replace_onset(self, st: _LossStream, event: dict, rise: dict) -> None:
+        """The rise's onset placed again, ``loss.refine_after`` points after it was
+        confirmed: the same change-point fit over the points searched then, up to a few
+        points past the highest level so far (a ramp's climb, not the top it stays at),
+        now with more of the climb seen."""
+        pts = [h for h in st.hist if h[1] >= max(rise["from"], st.floor_from)]
+        end = 0
+        while end < len(pts) and pts[end][1] <= rise["peak_step"]:
+            end += 1
+        pts = pts[: end + (self._lo.shift_points - 1) // 2]
+        if len(pts) <= _MIN_PRE + 1:
+            return
+        index, step, phase_step, x = _change_point(pts, 0, _MIN_PRE)[:4]
+        event.update(index=index, step=step, phase_step=phase_step, after=math.exp(x))
+        event["size"] = event["after"] / event["before"]
+        event["n_points"] = int(event["end_step"]) - step + 1
+        self._loss_severity(event, st, rise["ref"])
 
     def _loss_severity(self, event: dict, st: _LossStream, m: float) -> None:
         learned = max((st.first if st.first is not None else m) - m, _MIN_LEARNED_LOG)
@@ -741,6 +904,14 @@ class _Namespace:
 
     def __init__(self, d):
         self.__dict__.update(d)
+
+
+def _base_median(st: _LossStream) -> float:
+    """The baseline's median, kept in ``st.m`` until the baseline changes."""
+    b = st.base_sorted
+    h = len(b) // 2
+    st.m = b[h] if len(b) % 2 else (b[h - 1] + b[h]) / 2
+    return st.m
 
 
 def _ref_position(values) -> int:

@@ -169,6 +169,41 @@ def test_a_level_jump_gets_its_step_as_onset_on_noisy_curves():
     assert all(e is not None and abs(e) <= 5 for e in errors), errors
 
 
+def test_a_jump_on_a_steeply_falling_curve_is_found_against_the_curves_trend():
+    # The loss falls 0.06 a step (log) and jumps by 0.95 (4.75 sd) at step 60: within
+    # 15 steps the fall has taken the newest level back under the lowest past level's
+    # threshold, so only the trend test (the line before the newest points, extended)
+    # sees it; with that test off the jump is missed.
+    n, at = 200, 60
+    t = np.arange(n)
+    log_level = 1.0 - 0.06 * np.minimum(t, 120) + np.where(t >= at, 0.95, 0.0)
+    noise = 0.2 * np.random.default_rng(11).standard_normal(n)
+    rows = _train_rows(np.exp(log_level + noise))
+    rises = [e for e in dropoff.detect(rows) if e["kind"] == "rise"]
+    assert len(rises) == 1 and abs(rises[0]["step"] - at) <= 5, rises
+    off = dropoff.default_config()
+    off.loss.trend_z = 1e9
+    assert not [e for e in dropoff.detect(rows, off) if e["kind"] == "rise"]
+
+
+def test_a_climb_that_ends_in_a_nonfinite_loss_is_a_rise_before_it():
+    # A ramp to divergence (3 sd in 24 steps), cut short by a NaN before it clears the
+    # rise threshold (2.5 sd): at the NaN, a climb of >= 2 sd (the rule) is a rise,
+    # placed back; without that rule only the NaN is an episode.
+    n, start = 120, 95
+    t = np.arange(n)
+    climb = np.clip((t - start + 1) / (n - 1 - start), 0, None) * 0.6
+    losses = np.exp(climb + 0.2 * np.random.default_rng(8).standard_normal(n))
+    losses[-1] = math.nan
+    rows = _train_rows(losses)
+    events = dropoff.detect(rows)
+    assert [e["kind"] for e in events] == ["rise", "nonfinite"], events
+    assert start - 10 <= events[0]["step"] <= start + 10 and events[1]["step"] == n - 1
+    off = dropoff.default_config()
+    off.loss.diverge_z = 1e9
+    assert [e["kind"] for e in dropoff.detect(rows, off)] == ["nonfinite"]
+
+
 def test_a_rise_that_recovers_ends_and_the_next_is_another_episode():
     losses = _flat(400, 0.1, seed=4)
     losses[120:160] *= 3.0
@@ -271,16 +306,21 @@ def test_online_equals_offline_and_onsets_stay_protected():
         offset = rows[-1]["step"] + 1 if rows else 0
         rows += [dict(r, step=r["step"] + offset, phase=f"{cls}/{r['phase']}") for r in part]
     detector = dropoff.OnlineDetector()
-    online, pending, placed_back = [], None, 0
+    online, pending, placed_back, placed_again = [], None, 0, 0
     for row in rows:
+        before = [e["step"] for e in online]
         new = detector.update(row)
         for e in new:
             if e["step"] < row["step"]:  # placed back: the engine had kept a checkpoint there
                 placed_back += 1
                 assert pending is not None and pending <= e["step"], (e, pending)
+        for e, was in zip(online, before, strict=True):
+            if e["step"] != was:  # a rise's onset placed again: still after a kept checkpoint
+                placed_again += 1
+                assert pending is not None and pending <= e["step"], (e, was, pending)
         online.extend(new)
         pending = detector.pending_from()
-    assert placed_back >= 2
+    assert placed_back >= 2 and placed_again >= 1
     offline = dropoff.detect(rows)
     assert online == offline == detector.events
     assert {e["kind"] for e in offline} >= {"rise", "fall"}
@@ -327,6 +367,10 @@ def test_command_line_redetects_what_the_run_recorded(tmp_path):
         ("accuracy.reference", "mean", "dropoff.accuracy.reference: must be 'max' or 'median'"),
         ("accuracy.min_drop", 1.5, "dropoff.accuracy.min_drop: must be in (0, 1]"),
         ("loss.min_history", 50, "dropoff.loss.min_history: must be in [1, loss.window=30]"),
+        ("loss.trend_window", 10, "dropoff.loss.trend_window: must be >= max(3, loss.min_h"),
+        ("loss.trend_z", 0, "dropoff.loss.trend_z: must be > 0"),
+        ("loss.refine_after", -1, "dropoff.loss.refine_after: must be >= 0"),
+        ("loss.diverge_z", -2, "dropoff.loss.diverge_z: must be > 0"),
     ],
 )
 def test_impossible_thresholds_refused_at_config_validation(field, value, needle):

@@ -1,6 +1,6 @@
 r"""``jaxrepro bench detector``: the drop-off detector scored on labelled streams.
 
-    jaxrepro bench detector [seeds=4 sets=tuned,held_out_params,held_out_families
+    jaxrepro bench detector [seeds=16 sets=tuned,held_out_params,held_out_families
                              labels=results/bench/detector_labels.json record=current]
 
 Writes ``detector.json`` in ``--out`` (default ``results/bench``). The streams are made
@@ -132,7 +132,7 @@ SETS = {
     },
 }
 DEFAULTS = {
-    "seeds": 8,  # 120-288 events a class per set (4: 60-144, one event 0.7-1.7 points)
+    "seeds": 16,  # 240-576 events a class per set (8: one event moved a recall 0.3-0.8 points)
     "sets": "tuned,held_out_params,held_out_families",
     "labels": "results/bench/detector_labels.json",
     "record": "current",
