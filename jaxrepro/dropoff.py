@@ -62,8 +62,10 @@ step. A rise's is placed back from the row that confirmed it, over the last
 least-squares change-point fit: a line (the curve's own trend, a falling loss before the
 change) plus, from the onset on, a step (a level jump) or a hinge (a climb of constant
 slope: a ramp), the onset and form that explain most of the squared deviation from the
-line upward. Placed again, the fit runs over the same first point to a few points past
-the highest level so far: more of a jump, and of a ramp's climb but not the top it
+line upward; the fit is made twice, the second time on the points pulled to within
+``loss.onset_clip`` (2) robust sd of the first fit, so that a few heavy-tailed batches do
+not move a ramp's hinge. Placed again, the fit runs over the same first point to a few
+points past the highest level so far: more of a jump, and of a ramp's climb but not the top it
 stays at, where the first fit saw only the points that cleared the threshold (a slow
 climb in noise was placed 12-23 steps early or late from them). For a level jump that is
 the jump's step; for a ramp, where its climb begins (results/bench/detector.json has
@@ -174,6 +176,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss.trend_z = 3.5  # ... the newest level >= this many noise sd above its extension
     c.loss.refine_after = 20  # points after its confirmation a rise's onset is placed again
     c.loss.diverge_z = 2.0  # a climb of >= this many sd before a non-finite loss is a rise
+    c.loss.onset_clip = 2.0  # onset fit: points pulled to this many sd of a first fit (0: off)
     c.loss.refractory = 10  # logged points within which spikes merge into one episode
     c.accuracy = ml_collections.ConfigDict()
     c.accuracy.window = 10  # previous evals of the same phase and split
@@ -221,6 +224,7 @@ def validate_config(cfg) -> None:
     _check(lo, "loss", "trend_z", lambda v: v > 0, "> 0")
     _check(lo, "loss", "refine_after", lambda v: v >= 0, ">= 0 (0: the onset is placed once)")
     _check(lo, "loss", "diverge_z", lambda v: v > 0, "> 0")
+    _check(lo, "loss", "onset_clip", lambda v: v >= 0, ">= 0 (0: plain least squares)")
     _check(
         lo,
         "loss",
@@ -747,7 +751,7 @@ class OnlineDetector:
         first = max(0, len(hist) - self._lo.lookback)
         while first < len(hist) and hist[first][1] < st.floor_from:
             first += 1
-        return _change_point(hist, first, _MIN_PRE)[:4]
+        return _change_point(hist, first, _MIN_PRE, self._lo.onset_clip)[:4]
 
     def _replace_onset(self, st: _LossStream, event: dict, rise: dict) -> None:
         """The rise's onset placed again, ``loss.refine_after`` points after it was
@@ -761,7 +765,7 @@ class OnlineDetector:
         pts = pts[: end + (self._lo.shift_points - 1) // 2]
         if len(pts) <= _MIN_PRE + 1:
             return
-        index, step, phase_step, x = _change_point(pts, 0, _MIN_PRE)[:4]
+        index, step, phase_step, x = _change_point(pts, 0, _MIN_PRE, self._lo.onset_clip)[:4]
         event.update(index=index, step=step, phase_step=phase_step, after=math.exp(x))
         event["size"] = event["after"] / event["before"]
         event["n_points"] = int(event["end_step"]) - step + 1
@@ -923,14 +927,32 @@ def _ref_position(values) -> int:
     return pos
 
 
-def _change_point(hist, first: int, min_pre: int):
+def _change_point(hist, first: int, min_pre: int, clip: float = 0.0):
     """The entry of ``hist[first:]`` (tuples whose [3] is a log loss) where an upward
     step or hinge over a fitted line explains most of the squared deviation from the
-    line (:meth:`OnlineDetector._onset`); candidates leave ``min_pre`` points before."""
+    line (:meth:`OnlineDetector._onset`); candidates leave ``min_pre`` points before.
+
+    With ``clip`` > 0 the fit is made twice: the second time on the points pulled to
+    within ``clip`` robust sd (1.4826 x the MAD of the first fit's residuals) of the
+    first fit, so that a few heavy-tailed batches do not move a ramp's hinge."""
     ys = [hist[i][3] for i in range(first, len(hist))]
     n = len(ys)
     if n <= min_pre + 1:
         return hist[first] if n else hist[-1]
+    pick, fitted = _fit_change_point(ys, min_pre)
+    if clip > 0 and fitted is not None:
+        res = sorted(abs(y - f) for y, f in zip(ys, fitted, strict=True))
+        lim = clip * _MAD_SCALE * _sorted_median(res)
+        if lim > 0:
+            ys = [f + max(-lim, min(lim, y - f)) for y, f in zip(ys, fitted, strict=True)]
+            pick = _fit_change_point(ys, min_pre)[0]
+    return hist[first + pick]
+
+
+def _fit_change_point(ys: list, min_pre: int):
+    """(position, fitted values) of the best upward step or hinge over a line, least
+    squares, closed form from prefix sums (O(points)); fitted is None without one."""
+    n = len(ys)
     # The line: least squares of y on (1, i).
     si = n * (n - 1) / 2
     sii = (n - 1) * n * (2 * n - 1) / 6
@@ -946,23 +968,35 @@ def _change_point(hist, first: int, min_pre: int):
     for i in range(n - 1, -1, -1):
         suf_y[i] = suf_y[i + 1] + ys[i]
         suf_iy[i] = suf_iy[i + 1] + i * ys[i]
-    best, pick = 0.0, n - 1
+    best, pick, how = 0.0, n - 1, None
     for t in range(min_pre, n):
         m = n - t
-        # (sum z, sum z^2, sum i z, sum z y) of the step (z = 1) and the hinge (z = i - t)
+        # (sum z, sum z^2, sum i z, sum z y) of the step (z = 1) and the hinge (z = i - t + 1)
         sz_h = m * (m + 1) / 2
         szz_h = m * (m + 1) * (2 * m + 1) / 6
-        for sz, szz, siz, szy in (
-            (m, m, (t + n - 1) * m / 2, suf_y[t]),
-            (sz_h, szz_h, szz_h + (t - 1) * sz_h, suf_iy[t] - (t - 1) * suf_y[t]),
+        for hinge, (sz, szz, siz, szy) in enumerate(
+            (
+                (m, m, (t + n - 1) * m / 2, suf_y[t]),
+                (sz_h, szz_h, szz_h + (t - 1) * sz_h, suf_iy[t] - (t - 1) * suf_y[t]),
+            )
         ):
             zy = szy - a0 * sz - b0 * siz  # z . (y - line)
             if zy <= 0:
                 continue  # a fall, not a rise
             zz = szz - (sii * sz * sz - 2 * si * sz * siz + n * siz * siz) / det
             if zz > 1e-12 and zy * zy / zz > best:
-                best, pick = zy * zy / zz, t
-    return hist[first + pick]
+                best, pick, how = zy * zy / zz, t, (hinge, zy / zz, sz, siz)
+    if how is None:
+        return pick, None
+    # The joint fit: the line plus c times z made orthogonal to (1, i).
+    hinge, c, sz, siz = how
+    gz = (n * siz - si * sz) / det
+    az = (sz - gz * si) / n
+    fitted = []
+    for i in range(n):
+        z = 0.0 if i < pick else (float(i - pick + 1) if hinge else 1.0)
+        fitted.append(a0 + b0 * i + c * (z - az - gz * i))
+    return pick, fitted
 
 
 def _fall_onset(seg: list):

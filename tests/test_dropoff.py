@@ -158,6 +158,33 @@ def test_a_ramp_on_a_steeply_falling_curve_gets_the_onset_where_its_climb_begins
     assert start - 5 <= events[0]["step"] <= start + length // 4, events[0]
 
 
+def test_the_clipped_onset_fit_keeps_heavy_tailed_batches_from_moving_a_ramps_onset():
+    # Four batches of 4.5 sd 9-22 steps before a ramp pull the least-squares hinge; the
+    # second fit, on points pulled to within 2 robust sd of the first, is closer on every
+    # seed and equal without them.
+    n, start, length, s = 260, 150, 50, 0.3
+    plain, clipped = dropoff.default_config(), dropoff.default_config()
+    plain.loss.onset_clip = 0.0
+    errors = {"plain": [], "clipped": []}
+    for seed in range(6):
+        t = np.arange(n)
+        x = np.clip((t - start + 1) / length, 0, 1) * 6 * s
+        x = x + s * np.random.default_rng(seed).standard_normal(n)
+        clean = _train_rows(np.exp(x))
+        assert _rise_onsets(clean, plain) == _rise_onsets(clean, clipped)
+        x[[128, 132, 137, 141]] += 4.5 * s
+        rows = _train_rows(np.exp(x))
+        for name, cfg in (("plain", plain), ("clipped", clipped)):
+            (onset,) = _rise_onsets(rows, cfg)
+            errors[name].append(abs(onset - start))
+    assert all(c <= p for c, p in zip(errors["clipped"], errors["plain"], strict=True)), errors
+    assert sum(errors["clipped"]) < sum(errors["plain"]), errors
+
+
+def _rise_onsets(rows, cfg):
+    return [e["step"] for e in dropoff.detect(rows, cfg) if e["kind"] == "rise"]
+
+
 def test_a_level_jump_gets_its_step_as_onset_on_noisy_curves():
     # Onsets within the benchmark's tolerance (5 steps) over seeds, at 2.5x the rule.
     errors = []
@@ -371,6 +398,7 @@ def test_command_line_redetects_what_the_run_recorded(tmp_path):
         ("loss.trend_z", 0, "dropoff.loss.trend_z: must be > 0"),
         ("loss.refine_after", -1, "dropoff.loss.refine_after: must be >= 0"),
         ("loss.diverge_z", -2, "dropoff.loss.diverge_z: must be > 0"),
+        ("loss.onset_clip", -1, "dropoff.loss.onset_clip: must be >= 0"),
     ],
 )
 def test_impossible_thresholds_refused_at_config_validation(field, value, needle):
