@@ -445,7 +445,7 @@ class OnlineDetector:
         if st is not None and st.rise is not None and st.rise["refine"] is not None:
             out = st.rise["from"]  # its onset is placed again, no earlier than this
         elif st is not None and st.rise is None and st.hist:
-            i = 0
+            i = max(0, len(st.hist) - self._lo.lookback)  # the points the onset fit searches
             while i < len(st.hist) and st.hist[i][1] < st.floor_from:
                 i += 1
             if i < len(st.hist):
