@@ -584,7 +584,7 @@ class OnlineDetector:
         fall takes it back under the lowest past level."""
         trend = st.trend
         c = len(trend)
-        if c < self._lo.min_history:
+        if c < self._lo.min_history or c < 3:  # a line and a residual sd need 3 points
             return []
         si, sii, sy, siy, syy = st.tsum
         vi = sii - si * si / c

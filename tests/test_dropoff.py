@@ -213,6 +213,18 @@ def test_a_jump_on_a_steeply_falling_curve_is_found_against_the_curves_trend():
     assert not [e for e in dropoff.detect(rows, off) if e["kind"] == "rise"]
 
 
+def test_the_smallest_valid_windows_run():
+    # min_history 2, trend_window 3: the trend line is judged from 3 points, never from 2
+    # (a residual sd needs 3); a jump of 2x on a flat curve is still one rise.
+    cfg = dropoff.default_config()
+    cfg.loss.window, cfg.loss.min_history, cfg.loss.trend_window = 3, 2, 3
+    cfg.loss.transient_steps = 0
+    losses = _flat(60, 0.05, seed=3)  # a seed on which a 2-point line was judged before
+    losses[30:] *= 2.0
+    rises = [e for e in dropoff.detect(_train_rows(losses), cfg) if e["kind"] == "rise"]
+    assert len(rises) == 1 and abs(rises[0]["step"] - 30) <= 3, rises
+
+
 def test_a_climb_that_ends_in_a_nonfinite_loss_is_a_rise_before_it():
     # A ramp to divergence (3 sd in 24 steps), cut short by a NaN before it clears the
     # rise threshold (2.5 sd): at the NaN, a climb of >= 2 sd (the rule) is a rise,
