@@ -445,9 +445,7 @@ class OnlineDetector:
         if st is not None and st.rise is not None and st.rise["refine"] is not None:
             out = st.rise["from"]  # its onset is placed again, no earlier than this
         elif st is not None and st.rise is None and st.hist:
-            i = max(0, len(st.hist) - self._lo.lookback)  # the points the onset fit searches
-            while i < len(st.hist) and st.hist[i][1] < st.floor_from:
-                i += 1
+            i = self._first_searched(st)
             if i < len(st.hist):
                 out = st.hist[i][1]
         for acc in self._accs.values():
@@ -596,9 +594,8 @@ class OnlineDetector:
         ref = sy / c + slope * (mid - si / c)
         if level - ref < self._log_shift:
             return []
-        med = _sorted_median(st.diffs_sorted) if st.diffs_sorted else 0.0
         rss = (syy - sy * sy / c) - cov * cov / vi  # the line's residuals: a wander's spread
-        sd = max(_MAD_SCALE * med / _SQRT2, math.sqrt(max(rss, 0.0) / (c - 2)), self._lo.mad_floor)
+        sd = max(_step_sd(st), math.sqrt(max(rss, 0.0) / (c - 2)), self._lo.mad_floor)
         thr = max(self._log_shift, self._lo.trend_z * sd)
         if level - ref < thr:
             return []
@@ -660,9 +657,8 @@ class OnlineDetector:
         does not widen); the first is larger where the batch losses wander together
         (consecutive losses of a real run are not independent)."""
         if st.sd is None:
-            med = _sorted_median(st.diffs_sorted) if st.diffs_sorted else 0.0
             spread = _mad(st.base_sorted, st.m)
-            st.sd = max(_MAD_SCALE * med / _SQRT2, _MAD_SCALE * spread, self._lo.mad_floor)
+            st.sd = max(_step_sd(st), _MAD_SCALE * spread, self._lo.mad_floor)
         return st.sd
 
     def _spike(self, st: _LossStream, row: dict, x: float, m: float) -> list[dict]:
@@ -747,11 +743,16 @@ class OnlineDetector:
         falling curve before the change into account, and the hinge places a ramp's
         onset where its climb begins, not where it clears the noise.
         """
+        return _change_point(st.hist, self._first_searched(st), _MIN_PRE, self._lo.onset_clip)[:4]
+
+    def _first_searched(self, st: _LossStream) -> int:
+        """Index in ``st.hist`` of the first point a rise's onset fit searches: the last
+        ``loss.lookback`` points, none before the end of an earlier rise of the phase."""
         hist = st.hist
-        first = max(0, len(hist) - self._lo.lookback)
-        while first < len(hist) and hist[first][1] < st.floor_from:
-            first += 1
-        return _change_point(hist, first, _MIN_PRE, self._lo.onset_clip)[:4]
+        i = max(0, len(hist) - self._lo.lookback)
+        while i < len(hist) and hist[i][1] < st.floor_from:
+            i += 1
+        return i
 
     def _replace_onset(self, st: _LossStream, event: dict, rise: dict) -> None:
         """The rise's onset placed again, ``loss.refine_after`` points after it was
@@ -908,6 +909,13 @@ class _Namespace:
 
     def __init__(self, d):
         self.__dict__.update(d)
+
+
+def _step_sd(st: _LossStream) -> float:
+    """The noise's sd from consecutive differences of baseline points (1.4826 x their
+    median |difference| / sqrt(2)): neither a falling curve nor one jump widens it."""
+    med = _sorted_median(st.diffs_sorted) if st.diffs_sorted else 0.0
+    return _MAD_SCALE * med / _SQRT2
 
 
 def _base_median(st: _LossStream) -> float:
